@@ -1,0 +1,3 @@
+from vlkit.cli import main
+
+raise SystemExit(main())

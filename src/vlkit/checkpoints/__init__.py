@@ -1,0 +1,1 @@
+"""Reading, writing and converting checkpoints (LAVIS, transformers, unilm VLMo, vlkit's own)."""

@@ -223,6 +223,30 @@ def test_randaugment_geometry_and_fill():
     assert (rotated[0, 0] == 128).all() and (rotated[10, 10] == (200, 10, 10)).all()
 
 
+def test_randaugment_warps_use_opencv_pixel_coordinates():
+    # On a linear ramp bilinear sampling is exact, so each output pixel must equal the ramp at the source
+    # point that OpenCV's warpAffine would read (inverse of the forward map, pixel centres at integers).
+    h, w = 30, 40
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    ramp = Image.fromarray(np.stack([xx * 5 + 10, yy * 6 + 20, np.full_like(xx, 100)], -1).astype(np.uint8))
+    ra = RandAugment()
+    cos, sin = math.cos(math.radians(15)), math.sin(math.radians(15))
+    cases = {
+        ("ShearX", 0.15): [[1, 0.15, 0], [0, 1, 0]],
+        ("ShearY", -0.15): [[1, 0, 0], [-0.15, 1, 0]],
+        ("Rotate", 15.0): [[cos, sin, (1 - cos) * w / 2 - sin * h / 2], [-sin, cos, sin * w / 2 + (1 - cos) * h / 2]],
+    }
+    for (op, value), forward in cases.items():
+        inverse = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))
+        sx = inverse[0, 0] * xx + inverse[0, 1] * yy + inverse[0, 2]
+        sy = inverse[1, 0] * xx + inverse[1, 1] * yy + inverse[1, 2]
+        inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+        out = np.asarray(ra.apply(ramp, op, value)).astype(float)
+        assert np.abs(out[..., 0] - (sx * 5 + 10))[inside].max() <= 1.01, op
+        assert np.abs(out[..., 1] - (sy * 6 + 20))[inside].max() <= 1.01, op
+        assert (out[~inside & ((sx < -1) | (sx > w) | (sy < -1) | (sy > h))] == 128).all(), op
+
+
 def test_randaugment_draws_are_seeded_and_ops_apply_about_half_the_time():
     image = random_image(24, 24)
     ra = RandAugment(1, 5, ops=["TranslateX"])

@@ -95,12 +95,16 @@ class VQASample:
 
 @dataclass
 class ClassificationSample:
+    """An image and its class index (into ``dataset.classes``)."""
+
     image: Tensor
     label: int
 
 
 @dataclass
 class InstructionSample:
+    """An image with an instruction and the expected response (both processed)."""
+
     image: Tensor
     instruction: str
     response: str

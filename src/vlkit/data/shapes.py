@@ -18,7 +18,8 @@ From those scenes :func:`generate_shapes_world` writes, for the splits train/val
 - ``scenes/scenes_{split}.json`` (the ground truth behind every file), ``manifest.json`` and ``README.md``.
 
 The same arguments give byte-identical output: every random draw comes from ``random.Random`` objects seeded
-from (seed, split, purpose) strings, PNGs carry no metadata, and JSON is written in a fixed order.
+from (seed, split, purpose) strings, PNGs carry no metadata, and JSON is written in a fixed order. (Identity
+is promised for one installation; a different zlib or Pillow may compress the same pixels differently.)
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class Scene:
         return REGIONS[row][col]
 
     def left_to_right(self) -> list[ShapeObject]:
+        """The objects sorted by x (then y): the order every description uses."""
         return sorted(self.objects, key=lambda o: (o.x, o.y))
 
 
@@ -603,7 +605,7 @@ def generate_shapes_world(
         train_images: images in the train split (default ``images``).
         val_images: images in the val split (default ``images``).
         test_images: images in the test split (default ``images``).
-        questions_per_image: VQA questions per image.
+        questions_per_image: VQA questions asked per image (1-10; fewer when an image has fewer distinct ones).
         progress: show tqdm progress bars.
 
     Returns:
@@ -621,8 +623,8 @@ def generate_shapes_world(
         raise DataError(f"every split needs at least one image, got {counts}")
     if size < 32:
         raise DataError(f"image size must be at least 32 px, got {size}")
-    if questions_per_image < 1:
-        raise DataError(f"questions_per_image must be at least 1, got {questions_per_image}")
+    if not 1 <= questions_per_image <= 10:
+        raise DataError(f"questions_per_image must be between 1 and 10, got {questions_per_image}")
     out = Path(out)
     _check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)

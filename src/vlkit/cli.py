@@ -22,7 +22,9 @@ class Command(NamedTuple):
     summary: str
 
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {
+    "data": Command("vlkit.data.cli", "generate datasets (the synthetic shapes world)"),
+}
 
 
 def _usage() -> str:

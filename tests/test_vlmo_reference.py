@@ -189,7 +189,9 @@ def ref_text_embed(sd, cfg, ids):
 
 
 def ref_image_embed(sd, cfg, img, token_type=1):
-    x = F.conv2d(img, sd["transformer.patch_embed.proj.weight"], sd["transformer.patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = F.conv2d(
+        img, sd["transformer.patch_embed.proj.weight"], sd["transformer.patch_embed.proj.bias"], stride=cfg.patch_size
+    )
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([sd["transformer.cls_token"].expand(x.shape[0], -1, -1), x], dim=1)
     if "transformer.pos_embed" in sd:

@@ -124,7 +124,8 @@ _HEAD_PREFIXES: dict[str, str] = {
     "vqa_head.": "vqa",
     "nlvr2_head.": "nlvr2",
 }
-_IGNORED_BUFFERS = tuple(k for k, v in UNILM_KEY_MAP.items() if v is None)
+# vlkit key -> unilm key (export).
+_EXPORT_MAP: dict[str, str] = {v: k for k, v in UNILM_KEY_MAP.items() if v is not None}
 
 
 def head_of(key: str) -> str | None:
@@ -138,6 +139,16 @@ def head_of(key: str) -> str | None:
 def _head_matches(head: str, names: Iterable[str]) -> bool:
     names = set(names)
     return any(part in names for part in head.split("/"))
+
+
+def _head_names(groups: Iterable[str]) -> list[str]:
+    """Config head names for key groups: the shared ITC projections count as "itc" next to the VL ones,
+    else as "irtr"."""
+    groups = set(groups)
+    if "itc/irtr" in groups:
+        groups.discard("itc/irtr")
+        groups.add("itc" if "itc" in groups else "irtr")
+    return sorted(groups)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -224,7 +235,9 @@ def unilm_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, Tenso
             break
     bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
     if bad:
-        raise CheckpointError(f"{source}: no unilm state dict found (non-tensor entries: {', '.join(map(str, bad[:8]))})")
+        raise CheckpointError(
+            f"{source}: no unilm state dict found (non-tensor entries: {', '.join(map(str, bad[:8]))})"
+        )
     return dict(sd)
 
 
@@ -269,7 +282,9 @@ def infer_unilm_config(sd: Mapping[str, Tensor], *, source: str = "checkpoint", 
         presets = [p for p in VLMO_PRESETS.values() if p["hidden_size"] == hidden and p.get("position") == "absolute"]
         num_heads = overrides.get("num_heads", presets[0]["num_heads"] if presets else None)
         if num_heads is None:
-            raise CheckpointError(f"{source}: cannot tell the number of heads of an absolute-position model; pass num_heads")
+            raise CheckpointError(
+                f"{source}: cannot tell the number of heads of an absolute-position model; pass num_heads"
+            )
     else:
         table = need("relative_position_bias_table")
         if "relative_position_index" in sd and "max_text_len_of_initckpt" not in overrides:
@@ -370,50 +385,63 @@ def convert_unilm_state_dict(
     expected = _expected_keys(config)
 
     # Heads first, so that errors about them are reported as such.
-    surplus = sorted({head_of(k) for k in out if k not in expected and head_of(k)})  # type: ignore[type-var]
-    not_dropped = [h for h in surplus if not _head_matches(h, drop_heads)]
+    surplus = {head_of(k) for k in out if k not in expected and head_of(k)}
+    not_dropped = {h for h in surplus if not _head_matches(h, drop_heads)}  # type: ignore[arg-type]
     if not_dropped:
-        keys = sorted(k for k in out if k not in expected and head_of(k) in not_dropped)
+        keys = _as_unilm(k for k in out if k not in expected and head_of(k) in not_dropped)
+        names = _head_names(not_dropped)  # type: ignore[arg-type]
         raise CheckpointError(
-            f"{source}: has task heads the model was not built with ({', '.join(not_dropped)}): "
-            f"{', '.join(keys[:12])}; build the model with these heads or pass drop_heads={tuple(not_dropped)!r}"
+            f"{source}: has task heads the model was not built with ({', '.join(names)}): "
+            f"{', '.join(keys[:12])}; build the model with these heads or pass drop_heads={tuple(names)!r}"
         )
     for k in [k for k in out if k not in expected and head_of(k)]:
         del out[k]
-    report.dropped_heads = surplus
-    absent = sorted({head_of(k) for k in expected if k not in out and head_of(k)})  # type: ignore[type-var]
-    not_init = [h for h in absent if not _head_matches(h, init_heads)]
+    report.dropped_heads = _head_names(surplus)  # type: ignore[arg-type]
+    absent = {head_of(k) for k in expected if k not in out and head_of(k)}
+    not_init = {h for h in absent if not _head_matches(h, init_heads)}  # type: ignore[arg-type]
     if not_init:
         keys = sorted(k for k in expected if k not in out and head_of(k) in not_init)
+        names = _head_names(not_init)  # type: ignore[arg-type]
         raise CheckpointError(
-            f"{source}: lacks task heads the model has ({', '.join(not_init)}): {', '.join(keys[:12])}; "
-            f"pass init_heads={tuple(not_init)!r} to keep them freshly initialised"
+            f"{source}: lacks task heads the model has ({', '.join(names)}): {', '.join(keys[:12])}; "
+            f"pass init_heads={tuple(names)!r} to keep them freshly initialised"
         )
-    report.initialised_heads = absent
+    report.initialised_heads = _head_names(absent)  # type: ignore[arg-type]
 
     _adapt_positions(out, config, expected, report, source)
 
-    unexpected = sorted(k for k in out if k not in expected)
+    unexpected = _as_unilm(k for k in out if k not in expected)
     missing = sorted(k for k in expected if k not in out and head_of(k) is None)
     if unexpected or missing:
         parts = []
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:12])}")
+            parts.append(f"unexpected {len(unexpected)} key(s) in the file: {', '.join(unexpected[:12])}")
         if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:12])}")
+            parts.append(f"missing {len(missing)} model key(s): {', '.join(missing[:12])}")
         raise CheckpointError(
             f"{source}: backbone does not match the config (depth {config.depth}, vlffn_start_layer "
             f"{config.vlffn_start_layer}, position {config.position!r}, layer scale "
             f"{config.layer_scale_init}): " + " | ".join(parts)
         )
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {expected[k]}" for k, v in out.items() if tuple(v.shape) != expected[k]]
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {expected[k]}" for k, v in out.items() if tuple(v.shape) != expected[k]
+    ]
     if wrong:
         raise CheckpointError(f"{source}: shape mismatch for {len(wrong)} key(s): {'; '.join(wrong[:8])}")
     return out, report
 
 
+def _as_unilm(keys: Iterable[str]) -> list[str]:
+    """vlkit keys renamed back to the file's (unilm) names, sorted, for error messages."""
+    return sorted(map_keys(dict.fromkeys(keys, torch.empty(0)), _EXPORT_MAP, source="vlkit VLMo"))
+
+
 def _adapt_positions(
-    out: dict[str, Tensor], config: VLMoConfig, expected: Mapping[str, tuple[int, ...]], report: UnilmLoadReport, source: str
+    out: dict[str, Tensor],
+    config: VLMoConfig,
+    expected: Mapping[str, tuple[int, ...]],
+    report: UnilmLoadReport,
+    source: str,
 ) -> None:
     """Resize position tables and modality embeddings to the target config, in place."""
     key = "text_embed.position.weight"
@@ -438,7 +466,9 @@ def _adapt_positions(
         if 2 * src - 1 < 4:
             raise CheckpointError(f"{source}: a {src}x{src} patch grid is too small to resample its bias table")
         out[key] = relpos.resize_bias_table(out[key], config.grid, config.max_text_len_of_initckpt)
-        report.resized.append(f"relative position bias resampled from a {src}x{src} to a {config.grid}x{config.grid} grid")
+        report.resized.append(
+            f"relative position bias resampled from a {src}x{src} to a {config.grid}x{config.grid} grid"
+        )
 
     key = "pos_embed"
     if key in out and key in expected and out[key].shape[1] != expected[key][1]:
@@ -492,8 +522,6 @@ def load_unilm(
 
 # --------------------------------------------------------------------------------------------- exporting
 
-_EXPORT_MAP: dict[str, str] = {v: k for k, v in UNILM_KEY_MAP.items() if v is not None}
-
 
 def export_unilm_state_dict(model: VLMo, *, reference_buffers: bool = True) -> dict[str, Tensor]:
     """``model``'s weights in the unilm layout (the reference ``VLMo`` LightningModule's keys).
@@ -515,9 +543,7 @@ def export_unilm_state_dict(model: VLMo, *, reference_buffers: bool = True) -> d
         if c.position == "relative":
             out["relative_position_index"] = model.relative_position_index("image")
             out["text_relative_position_index"] = model.relative_position_index("text", c.max_text_len)
-            out["text_imag_relative_position_index"] = model.relative_position_index(
-                "fusion", c.max_text_len
-            ).float()
+            out["text_imag_relative_position_index"] = model.relative_position_index("fusion", c.max_text_len).float()
     return out
 
 

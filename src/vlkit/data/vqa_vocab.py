@@ -264,7 +264,9 @@ def _ordered(answer2label: Mapping[str, int]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _annotations(source: str | os.PathLike | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def _annotations(
+    source: str | os.PathLike | Mapping[str, Any] | Sequence[Mapping[str, Any]],
+) -> list[Mapping[str, Any]]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:

@@ -209,6 +209,17 @@ class VLMoUnimodalOutput:
     raw_cls_feats: Tensor
 
 
+_HEAD_MODULES = (
+    "mlm_head",
+    "itm_head",
+    "itc_text_proj",
+    "itc_image_proj",
+    "itc_vl_text_proj",
+    "itc_vl_image_proj",
+    "vqa_head",
+    "nlvr2_head",
+)
+
 # ----------------------------------------------------------------------------------------------- layers
 
 
@@ -247,7 +258,8 @@ class MultiwayAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """Attend over ``x`` (B, N, C) with an additive float mask or a bool keep-mask broadcastable to (B, NH, N, N)."""
+        """Self-attention over ``x`` (B, N, C); ``mask`` is an additive float mask or a bool keep-mask, either
+        broadcastable to (B, NH, N, N)."""
         b, n, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, c // self.num_heads)
@@ -331,9 +343,7 @@ class TextEmbeddings(nn.Module):
     The position table exists for relative models too (it is in their checkpoints) but is not added.
     """
 
-    def __init__(
-        self, vocab_size: int, dim: int, max_len: int, *, absolute: bool, dropout: float, **dd: Any
-    ) -> None:
+    def __init__(self, vocab_size: int, dim: int, max_len: int, *, absolute: bool, dropout: float, **dd: Any) -> None:
         super().__init__()
         self.absolute = absolute
         self.dropout = dropout
@@ -387,7 +397,9 @@ class VLMo(nn.Module):
     parameters or to load weights with ``to_empty`` and a state dict afterwards).
     """
 
-    def __init__(self, config: VLMoConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, config: VLMoConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.config = config
         c = config
@@ -398,9 +410,7 @@ class VLMo(nn.Module):
         )
         self.patch_embed = nn.Conv2d(3, h, kernel_size=c.patch_size, stride=c.patch_size, **dd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, h, **dd))
-        self.pos_embed = (
-            nn.Parameter(torch.zeros(1, c.num_image_tokens, h, **dd)) if c.position == "absolute" else None
-        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_image_tokens, h, **dd)) if c.position == "absolute" else None
         self.token_type = nn.Embedding(c.num_token_types, h, **dd)
         self.rel_pos_table = (
             nn.Parameter(torch.zeros(c.num_bias_rows, c.num_heads * c.depth, **dd))
@@ -520,25 +530,22 @@ class VLMo(nn.Module):
         first, last = devs[0], devs[-1]
         for module in (self.text_embed, self.patch_embed, self.token_type):
             module.to(first)
-        for name in ("cls_token", "pos_embed", "rel_pos_table"):
-            param = getattr(self, name)
-            if param is not None:
-                param.data = param.data.to(first)
         for i, block in enumerate(self.blocks):
             block.to(devs[i * n // len(self.blocks)])
-        for name in ("norm", "pooler", "mlm_head", "itm_head", "itc_text_proj", "itc_image_proj"):
+        for name in ("norm", "pooler", *_HEAD_MODULES):
             module = getattr(self, name)
             if module is not None:
                 module.to(last)
-        for name in ("itc_vl_text_proj", "itc_vl_image_proj", "vqa_head", "nlvr2_head"):
-            module = getattr(self, name)
-            if module is not None:
-                module.to(last)
+        for name, device in (("cls_token", first), ("pos_embed", first), ("rel_pos_table", first)):
+            self._move_parameter(name, device)
         for name in ("logit_scale", "logit_vl_scale"):
-            param = getattr(self, name)
-            if param is not None:
-                param.data = param.data.to(last)
+            self._move_parameter(name, last)
         return self
+
+    def _move_parameter(self, name: str, device: torch.device) -> None:
+        param = getattr(self, name)
+        if param is not None and param.device != device:
+            setattr(self, name, nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad))
 
     # ------------------------------------------------------------------------------------- embeddings
 

@@ -1,0 +1,1 @@
+"""Model families (one file each) and adapters for the language models they drive."""

@@ -79,7 +79,9 @@ class CausalLMDecoder:
     def __init__(self, model: nn.Module, *, use_cache: bool = True) -> None:
         self.model = model
         self.use_cache = use_cache
+        # Pass what transformers' generate passes, and only where the model's forward names it.
         self._logits_to_keep = _accepts(model, "logits_to_keep")
+        self._position_ids = _accepts(model, "position_ids")
 
     @property
     def embed_dim(self) -> int:
@@ -93,11 +95,12 @@ class CausalLMDecoder:
         new = new_mask.shape[1]
         if state.cache is not None:
             positions = positions[:, -new:]
-        extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        extra: dict[str, int | Tensor] = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        if self._position_ids:
+            extra["position_ids"] = positions
         out = self.model(
             **inputs,
             attention_mask=mask if state.pass_mask else None,
-            position_ids=positions,
             past_key_values=state.cache,
             use_cache=state.cache is not None,
             return_dict=True,

@@ -531,6 +531,8 @@ def beam_search(
         log_probs = F.log_softmax(logits.float(), dim=-1)
         log_probs = process_scores(log_probs, history, t, config, warp=config.do_sample, min_keep=warp_keep)
         vocab = log_probs.shape[-1]
+        if keep > beams * vocab:
+            raise GenerationError(f"{keep} beam candidates per step need more than {vocab} vocabulary entries")
         totals = (log_probs.view(batch, beams, vocab) + running.scores[:, :, None]).view(batch, beams * vocab)
 
         # Candidates: the `keep` best (or sampled) continuations of all beams of an input.

@@ -1,1 +1,1 @@
-"""Model families: configs, blocks and top-level models (construction is pure and offline)."""
+"""Model families (one file each) and adapters for the language models they drive."""

@@ -22,7 +22,9 @@ class Command(NamedTuple):
     summary: str
 
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {
+    "convert": Command("vlkit.checkpoints.convert", "convert a LAVIS or transformers checkpoint into a vlkit folder"),
+}
 
 
 def _usage() -> str:

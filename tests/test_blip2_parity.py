@@ -13,6 +13,7 @@ from blip2_reference import hf_config, randomize
 
 from vlkit.checkpoints import hf as hfconv
 from vlkit.checkpoints.folder import load_model
+from vlkit.cli import main as cli
 from vlkit.errors import CheckpointError, ConfigError
 from vlkit.models.blip2 import Blip2
 
@@ -105,6 +106,10 @@ def test_blip2model_qformer_parity_and_lm_handling(tmp_path):
     assert ckpt.architecture == "Blip2Model"
     saved = hfconv.read_hf_weights(tmp_path / "hf")
     assert ckpt.lm_state_dict and set(ckpt.lm_state_dict) == {k for k in saved if k.startswith("language_")}
+    # The CLI does the same conversion.
+    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "out"), "--drop-lm"]) == 0
+    converted = load_model(tmp_path / "out").state_dict()
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in converted.items())
 
 
 def test_key_bias_is_dropped_because_softmax_cancels_it(tmp_path):

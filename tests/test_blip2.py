@@ -168,3 +168,16 @@ def test_models_without_heads_refuse_head_calls():
     assert q.query_output.shape == (1, 4, 32)
     with pytest.raises(ConfigError, match="vision_proj"):
         model.project_image(q.query_output)
+
+
+def test_bf16_vision_with_fp32_qformer(model):
+    """The reference's mixed precision: a half-precision frozen ViT, fp32 LayerNorm math, fp32 Q-Former."""
+    pixels, ids, mask = _batch()
+    with torch.no_grad():
+        ref = model.project_image(model.encode_queries(model.encode_image(pixels)).query_output)
+        model.vision.to(torch.bfloat16)
+        embeds = model.encode_image(pixels)
+        assert embeds.dtype == torch.bfloat16 and model.ln_vision.weight.dtype == torch.float32
+        got = model.project_image(model.encode_queries(embeds).query_output)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=5e-2, rtol=0)

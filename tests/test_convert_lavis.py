@@ -345,3 +345,13 @@ def test_cli_convert_lavis_then_load(files, capsys):
     # bf16 output.
     assert cli([*argv[:2], str(d / "bf16"), *argv[3:], "--dtype", "bfloat16"]) == 0
     assert load_model(d / "bf16").query_tokens.dtype == torch.bfloat16
+
+
+def test_half_precision_vit_file_loads_as_float32(files):
+    _, _, vit, d = files
+    save_torch({k: v.half() for k, v in vit.items()}, d / "eva_fp16.pth")
+    model = load_model(d / "blip2_pretrained.pth", vision=d / "eva_fp16.pth", preset=PRESET)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.vision.cls_token, vit["cls_token"].half().float())
+    bf16 = load_model(d / "blip2_pretrained.pth", vision=d / "eva_fp16.pth", preset=PRESET, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}

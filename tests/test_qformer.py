@@ -280,3 +280,13 @@ def test_bad_calls():
         model(input_ids=ids, attention_mask=mask[:, :3])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=torch.ones(1, 17, dtype=torch.long))
+
+
+def test_image_mask_hides_image_tokens(qformer):
+    queries, _, _, image = _inputs()
+    keep = torch.ones(2, N, dtype=torch.long)
+    keep[:, -3:] = 0
+    with torch.no_grad():
+        masked = qformer(queries, image_embeds=image, image_mask=keep).hidden_states
+        cropped = qformer(queries, image_embeds=image[:, :-3]).hidden_states
+    torch.testing.assert_close(masked, cropped, atol=1e-5, rtol=0)

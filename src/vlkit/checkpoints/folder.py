@@ -175,7 +175,9 @@ def load_model(
     Args:
         path: a vlkit folder (``config.yaml``), a transformers folder (``config.json``) or a LAVIS ``.pth``.
         device: target device (default CPU).
-        dtype: cast floating-point weights (default: as stored).
+        dtype: cast floating-point weights. Default: as stored for a vlkit folder; float32 when
+            converting a LAVIS or transformers checkpoint (their files mix fp16 and fp32 tensors, and the
+            references run on CPU in fp32).
         vision: LAVIS only: the EVA/CLIP ViT weights file (LAVIS checkpoints omit the frozen ViT).
         preset: LAVIS only: a ``vlkit.zoo`` name fixing the architecture (default: inferred).
         drop_lm: transformers only: load just the vision encoder and Q-Former of a checkpoint that also
@@ -190,6 +192,7 @@ def load_model(
     from vlkit.checkpoints import hf, lavis
 
     p = Path(path)
+    foreign_dtype = dtype if dtype is not None else torch.float32
     if p.is_dir() and (p / CONFIG_FILE).is_file():
         _no_extra(vision=vision, preset=preset, kind="a vlkit folder")
         return load_folder(p, device=device, dtype=dtype)
@@ -201,10 +204,10 @@ def load_model(
                 f"{p}: {ckpt.architecture} holds a language model ({len(ckpt.lm_state_dict)} tensors); vlkit's stage-1 "
                 "Blip2 covers the vision encoder and Q-Former: pass drop_lm=True (--drop-lm) to load just those"
             )
-        return build_loaded("blip2", ckpt.config, ckpt.state_dict, source=str(p), device=device, dtype=dtype)
+        return build_loaded("blip2", ckpt.config, ckpt.state_dict, source=str(p), device=device, dtype=foreign_dtype)
     if lavis.is_lavis_file(p):
         config, state_dict = lavis.load_lavis(p, vision=vision, preset=preset)
-        return build_loaded("blip2", config, state_dict, source=str(p), device=device, dtype=dtype)
+        return build_loaded("blip2", config, state_dict, source=str(p), device=device, dtype=foreign_dtype)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     raise CheckpointError(

@@ -181,3 +181,18 @@ def test_bf16_vision_with_fp32_qformer(model):
         got = model.project_image(model.encode_queries(embeds).query_output)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=5e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_sdpa_matches_eager(dtype):
+    model = Blip2(zoo.get_spec("tiny-blip2-eva").config(), device="cuda", dtype=dtype).eval()
+    pixels, ids, mask = (t.cuda() for t in _batch())
+    with torch.no_grad():
+        e = model.encode_image(pixels)
+        fast = [model.itm_logits(e, ids, mask), model.project_text(model.encode_text(ids, mask))]
+        model.set_attn_impl("eager")
+        ref = [model.itm_logits(e, ids, mask), model.project_text(model.encode_text(ids, mask))]
+    for a, b in zip(fast, ref):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=0)

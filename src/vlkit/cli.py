@@ -24,6 +24,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "data": Command("vlkit.data.cli", "generate datasets (the synthetic shapes world)"),
+    "convert": Command("vlkit.checkpoints.convert", "convert a LAVIS or transformers checkpoint into a vlkit folder"),
 }
 
 

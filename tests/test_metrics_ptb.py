@@ -103,6 +103,16 @@ def test_tokenize_captions_keeps_keys_and_order() -> None:
     assert ptb.tokenize_lines([]) == []
 
 
+def test_tag_spanning_two_captions_breaks_like_java() -> None:
+    # A quoted attribute may contain the caption break; Java emits the tag as one token and its output
+    # line breaks inside it, which keeps the later captions aligned.
+    assert ptb.tokenize_lines(["<a b='x", "y'> z", "w"]) == ["<a\u00a0b='x", "y'> z", "w"]
+    # An unclosed quote runs on, through whole captions (spaces become NBSP, nothing is split or dropped).
+    captions = ["A <a href='x", "the dog. Etc", "z'> w, v.", "A cat."]
+    expected = ["a <a\u00a0href='x", "the\u00a0dog.\u00a0etc", "z'> w v", "a cat"]
+    assert ptb.tokenize_lines(captions) == expected
+
+
 def test_raw_tokens_keep_punctuation() -> None:
     assert ptb.ptb_tokens(["It's (big)!", ""]) == [["it", "'s", "-lrb-", "big", "-rrb-", "!"], []]
 
@@ -366,6 +376,17 @@ def char_caption(rng: random.Random) -> str:
     return "".join(rng.choice(rng.choices(_CHAR_POOLS, weights)[0]) for _ in range(rng.randint(0, 40)))
 
 
+_BOUNDARY_PIECES = [
+    "<a b='", "'>", '<x y="', '">', "<b c=' d", "e'>", "I.", "b.", "U.S.", "etc.", "A", "The", "He", "Mr.", "<b>",
+    "", " ", "no.", "5", "Jan.",
+]  # fmt: skip
+
+
+def boundary_caption(rng: random.Random) -> str:
+    """Short captions built from pieces whose tokenisation depends on the *next* captions."""
+    return " ".join(rng.choice(_BOUNDARY_PIECES) for _ in range(rng.randint(0, 4)))
+
+
 def generated(seed: int, n: int) -> list[str]:
     rng = random.Random(seed)
     return [word_caption(rng) if i % 2 == 0 else char_caption(rng) for i in range(n)]
@@ -404,6 +425,9 @@ def _java_tokenize(captions: list[str]) -> list[str]:
 @pytest.mark.parity
 def test_matches_java_on_generated_captions(full: bool) -> None:
     captions = generated(2024, 20000 if full else 3000)
+    rng = random.Random(7)
+    for i in range(0, len(captions), 3):  # every third caption: pieces that look across caption ends
+        captions[i] = boundary_caption(rng)
     ours = ptb.tokenize_lines(captions)
     theirs = _java_tokenize(captions)
     bad = [(c, o, t) for c, o, t in zip(captions, ours, theirs) if o != t]
@@ -413,7 +437,8 @@ def test_matches_java_on_generated_captions(full: bool) -> None:
 @pytest.mark.parity
 def test_matches_java_on_pinned_and_cross_line_cases() -> None:
     captions = [c for c, _ in PINNED] + ["the letter b.", "A dog", "made in the U.S.", "The end", "x etc.", "Hi"]
-    captions += ["ΟΔΟΣ", "ΟΛΟΣ5pm", "ABΣ_"]
+    captions += ["ΟΔΟΣ", "ΟΛΟΣ5pm", "ABΣ_", "<a b='x", "y'> z", "w", '<p q="', '"> r', "s"]
+    captions += ["A <a href='x", "the dog. Etc", "z'> w, v.", "A cat.", "I.", "<b c='d", "'> e"]
     assert ptb.tokenize_lines(captions) == _java_tokenize(captions)
 
 

@@ -9,7 +9,7 @@ difference in tokenisation changes the scores. This module re-creates that pipel
   can start there is tried, the one covering the most text (including the text it peeks at after the
   token) wins, and ties go to the shape listed first;
 * the normalisations the Java tool applies with its default options: ``(`` → ``-LRB-`` (and ``-RRB-``,
-  ``-LCB-``, ``-RCB-``, ``-LSB-``, ``-RSB-``), straight and curly quotes → ````` / ``''`` / ````` / ``'``,
+  ``-LCB-``, ``-RCB-``, ``-LSB-``, ``-RSB-``), straight and curly quotes → opening/closing quote tokens,
   ``…`` and ``. . .`` → ``...``, 3–4 hyphens and unicode dashes → ``--``, ``½`` → ``1/2``, ``£`` → ``#``,
   ``€`` → ``$``, ``¢`` → ``cents``, ``&amp;`` → ``&``, spaces inside fractions/phone numbers → NBSP,
   ``cannot``/``gonna``/``'tis`` split in two, clitics split off (``do n't``, ``it 's``), abbreviations
@@ -17,9 +17,11 @@ difference in tokenisation changes the scores. This module re-creates that pipel
   untokenizable characters deleted;
 * the captions are scanned as *one* stream joined by newlines, as the Java tool sees them, because a few
   shapes look past the end of a caption into the next one (a caption ending in ``letter b.`` loses the
-  period only when the next caption starts with ``A``, ``The``, ``He``, ...);
-* finally pycocoevalcap's own post-processing: lower-case, split on ``" "``, drop
-  :data:`PTB_PUNCTUATION`, join with ``" "``.
+  period only when the next caption starts with ``A``, ``The``, ``He``, ...; a tag with an unclosed
+  quoted attribute, ``<a href='...``, swallows the following captions up to the next quote, and the
+  Java output breaks that token at the caption ends — reproduced too);
+* finally pycocoevalcap's own post-processing: lower-case (Java's rules, which differ from Python's for
+  a capital sigma), split on ``" "``, drop :data:`PTB_PUNCTUATION`, join with ``" "``.
 
 Known, deliberate differences from the Java pipeline:
 
@@ -344,6 +346,8 @@ class _Rule:
     pattern: str  # the token itself
     context: str | None = None  # text that must follow (counts for longest-match, not part of the token)
     action: Action = _emit()
+    # May reach any number of lines ahead: a tag's quoted attribute (<a b='...'>) runs to the next quote.
+    unbounded: bool = False
 
 
 _RULES: tuple[_Rule, ...] = (
@@ -353,7 +357,7 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("'twas", _ci("'twas"), action=_keep_first(2)),
     _Rule("'tis", _ci("'tis"), action=_keep_first(2)),
     _Rule("gonna", _words("gonna gotta lemme gimme wanna"), action=_keep_first(3)),
-    _Rule("sgml", _SGML, action=_emit(_nbsp)),
+    _Rule("sgml", _SGML, action=_emit(_nbsp), unbounded=True),
     _Rule(
         "mdash",
         _alt(_ci("&") + _words("MD mdash ndash") + ";", "[\u0096\u0097\u2013\u2014\u2015]"),
@@ -392,10 +396,16 @@ _RULES: tuple[_Rule, ...] = (
         "[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",
         action=_emit(lambda t: _CURRENCY.get(t, t)),
     ),
-    _Rule("acronym+sentence", _ACRONYM, f"{_SPACENLS}{_SENTENCE_OPENERS}{_SPACENL}", _acronym_before_sentence),
+    _Rule(
+        "acronym+sentence",
+        _ACRONYM,
+        f"{_SPACENLS}{_SENTENCE_OPENERS}{_SPACENL}",
+        _acronym_before_sentence,
+        unbounded=True,
+    ),
     _Rule("abbrev before number", _ABBREV3, f"{_SPACENL}?{_DIGIT_STRICT}"),
     _Rule("pty. ltd.", "(?:[pP][tT][eyEY]|[cC][oO])\\.", _SPACE + _alt(_ci("ltd"), _ci("lim"))),
-    _Rule("abbrev+sentence", _ABBREV1, _SPACENL + _SENTENCE_START, _abbreviation_then_period),
+    _Rule("abbrev+sentence", _ABBREV1, _SPACENL + _SENTENCE_START, _abbreviation_then_period, unbounded=True),
     _Rule("abbrev", _ABBREV1, r"[\s\S][\s\S]"),
     _Rule("abbrev at end", _ABBREV1, action=_abbreviation_then_period),
     _Rule("title abbrev", _ABBREV2),
@@ -450,6 +460,7 @@ _COMPILED = tuple(
     regex.compile(f"(?P<tok>{r.pattern})" + (f"(?:{r.context})" if r.context else ""), _FLAGS) for r in _RULES
 )
 _STARTS = tuple(regex.compile(f"(?:{r.pattern})", _FLAGS) for r in _RULES)
+_UNBOUNDED = tuple(r.unbounded for r in _RULES)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -472,9 +483,10 @@ _NOT_BLANK = regex.compile(r"[^ \t\u00a0\u2000-\u200a\u3000\r\n\u2028\u2029\u000
 def _window_end(text: str, pos: int) -> tuple[int, int]:
     """End of the line holding ``pos`` and how far a token starting on it may need to look.
 
-    Only the look-ahead of a few rules crosses a line end (``U.S.`` / ``etc.`` peek at the next word),
-    and never past the next non-blank line. Bounding the match window keeps each regex attempt
-    independent of the stream length (the ``regex`` engine scans ahead for required characters).
+    Apart from the few rules marked ``unbounded`` (tags with quoted attributes), a match never looks past
+    the next non-blank line (``U.S.`` / ``etc.`` peek at the next word). Bounding the match window keeps
+    each regex attempt independent of the stream length (the ``regex`` engine scans ahead for characters
+    a pattern requires).
     """
     line_end = text.find("\n", pos)
     if line_end < 0:
@@ -513,7 +525,7 @@ def _scan(text: str, fast: bool = True) -> list[str]:
                     continue
         best_len, best_rule, best_text = -1, -1, ""
         for i in _rules_starting_with(ch):
-            m = _COMPILED[i].match(text, pos, window)
+            m = _COMPILED[i].match(text, pos, end if _UNBOUNDED[i] else window)
             if m is not None and m.end() - pos > best_len:
                 best_len, best_rule, best_text = m.end() - pos, i, m.group("tok")
         emitted, consumed = _RULES[best_rule].action(best_text)
@@ -598,8 +610,13 @@ def ptb_tokens(texts: Sequence[str]) -> list[list[str]]:
     for tok in _scan(stream):
         if tok == _NEWLINE_TOKEN:
             lines.append([])
-        else:
-            lines[-1].append(_java_lower(_from_java_chars(tok) if astral else tok))
+            continue
+        tok = _java_lower(_from_java_chars(tok) if astral else tok)
+        # Only a tag with a quoted attribute (<a b='x ... y'>) can swallow a caption break. The Java tool
+        # writes such a token as is, so its output lines break inside the token; do the same.
+        first, *rest = tok.split("\n")
+        lines[-1].append(first)
+        lines.extend([part] for part in rest)
     return lines
 
 

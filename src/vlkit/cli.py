@@ -22,7 +22,10 @@ class Command(NamedTuple):
     summary: str
 
 
-COMMANDS: dict[str, Command] = {}
+COMMANDS: dict[str, Command] = {
+    "train": Command("vlkit.training.cli", "train from a YAML recipe (single process or torchrun DDP/FSDP)"),
+    "plot": Command("vlkit.training.plot", "draw a run's loss / lr / eval curves to a PNG"),
+}
 
 
 def _usage() -> str:

@@ -123,7 +123,12 @@ def test_lr_mult_by_name():
     model = nn.ModuleDict({"backbone": nn.Linear(2, 2), "vqa_classifier": nn.Linear(2, 3)})
     groups, infos = param_groups(model.named_parameters(), OptimConfig(lr=1e-4, lr_mult={"vqa_classifier": 20.0}))
     scales = {n: info.lr_scale for info in infos for n in info.names}
-    assert scales == {"backbone.weight": 1.0, "backbone.bias": 1.0, "vqa_classifier.weight": 20.0, "vqa_classifier.bias": 20.0}
+    assert scales == {
+        "backbone.weight": 1.0,
+        "backbone.bias": 1.0,
+        "vqa_classifier.weight": 20.0,
+        "vqa_classifier.bias": 20.0,
+    }
     assert sorted(g["lr"] for g in groups) == pytest.approx([1e-4, 1e-4, 2e-3, 2e-3])
 
 

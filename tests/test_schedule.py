@@ -60,7 +60,9 @@ def test_lavis_schedule(accum, warmup):
     epochs, iters = 4, 12
     cfg = ScheduleConfig(name="lavis", warmup_steps=warmup, warmup_lr=1e-6, min_lr=1e-5)
     spe = iters // accum
-    ours = LrSchedule(cfg, base_lr=1e-4, total_steps=epochs * spe, steps_per_epoch=spe, epochs=epochs, accum_steps=accum)
+    ours = LrSchedule(
+        cfg, base_lr=1e-4, total_steps=epochs * spe, steps_per_epoch=spe, epochs=epochs, accum_steps=accum
+    )
     ref = lavis_reference(epochs, iters, accum, 1e-4, 1e-5, 1e-6, warmup)
     assert [ours.lr(s) for s in range(epochs * spe)] == pytest.approx(ref, rel=1e-12)
     # cosine is constant within an epoch (per-epoch, not per-step)

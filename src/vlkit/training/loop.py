@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import random
 import time
@@ -98,11 +99,17 @@ def train(recipe: Recipe, *, output_dir: str | Path | None = None, resume: str |
     """
     env = setup(recipe.run.distributed, recipe.run.device)
     success = False
+    trainer = None
     try:
-        result = _Trainer(recipe, env, output_dir, resume).run()
+        trainer = _Trainer(recipe, env, output_dir, resume)
+        result = trainer.run()
         success = True
         return result
     finally:
+        # DDP/FSDP communication state and DataLoader workers must be gone before the process group is;
+        # left to interpreter shutdown they can abort the process ("terminate called ...").
+        del trainer
+        gc.collect()
         teardown(env, success=success)
 
 
@@ -150,6 +157,7 @@ def _preserved_rngs(device: torch.device):
 class _Trainer:
     def __init__(self, recipe: Recipe, env: DistEnv, output_dir: str | Path | None, resume: str | Path | None):
         self.recipe, self.env = recipe, env
+        self.replicated: list[nn.Parameter] = []  # FSDP: parameters left unsharded (see _wrap)
         run = recipe.run
         if run.precision == "fp16" and env.device.type != "cuda":
             raise ConfigError("run.precision=fp16 needs CUDA (GradScaler); use bf16 on CPU")
@@ -216,11 +224,15 @@ class _Trainer:
         if env.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            # fully_shard cannot shard 0-D parameters (BLIP-2's temp): they stay replicated and their
+            # gradients are averaged by hand in _sync_replicated_grads.
+            scalars = {p for p in self.model.parameters() if p.ndim == 0}
+            self.replicated = [p for p in scalars if p.requires_grad]
             units = [m for m in self.model.modules() if state.fsdp_units and isinstance(m, state.fsdp_units)]
             for unit in units:
                 if unit is not self.model:
-                    fully_shard(unit)
-            fully_shard(self.model)
+                    fully_shard(unit, ignored_params=scalars)
+            fully_shard(self.model, ignored_params=scalars)
             self.step_module: nn.Module = _StepModule(self.model, state)
             self.forward_module: nn.Module = self.step_module
         elif env.mode == "ddp":
@@ -344,6 +356,7 @@ class _Trainer:
                 "world_size": self.env.world_size,
                 "group_names": [info.names for info in self.groups],
                 "best": self.best,
+                "last_eval_step": self.last_eval_step,
                 "distributed": self.env.mode,
             }
             meta = {
@@ -416,6 +429,7 @@ class _Trainer:
             self.scaler.load_state_dict(trainer["scaler"])
         self.step, self.epoch, self.in_epoch = trainer["step"], trainer["epoch"], trainer["steps_in_epoch"]
         self.best = trainer.get("best")
+        self.last_eval_step = trainer.get("last_eval_step", -1)
         set_rng_state(trainer["rng"][self.env.rank])
         self.last_checkpoint, self.last_saved_step = path, self.step
         best_dir = self.run_dir / ckpt.CHECKPOINTS / ckpt.BEST
@@ -555,17 +569,19 @@ class _Trainer:
                         row["loss_scale"] = float(self.scaler.get_scale())
                     row |= {"samples_per_s": global_batch / step_time, "step_time": step_time, "time": time.time()}
                     self.log.step(row)
-                    last_row = row
+                    last_row = row if env.is_main else {}
                 self.log.advance()
+                # evaluate before saving, so a checkpoint already holds the evaluation of its step
+                epoch_end = self.in_epoch == self.steps_per_epoch
+                if (run.eval_every == "epoch" and epoch_end) or (
+                    isinstance(run.eval_every, int) and self.step % run.eval_every == 0
+                ):
+                    self._evaluate()
                 if run.save_every and self.step % run.save_every == 0:
                     self._save_step()
-                if isinstance(run.eval_every, int) and self.step % run.eval_every == 0:
-                    self._evaluate()
             del batches
-            if self.in_epoch >= self.steps_per_epoch and run.eval_every == "epoch" and self.last_eval_step != self.step:
-                self._evaluate()
         if self.state.evaluate is not None and self.last_eval_step != self.step:
-            self._evaluate()
+            self._evaluate()  # always evaluate the final model
         if self.last_saved_step != self.step:
             self._save_step()
         self.log.info(f"done: {self.step} steps, last checkpoint {self.last_checkpoint}")
@@ -598,7 +614,19 @@ class _Trainer:
         values = torch.stack([torch.as_tensor(out[k]).detach().float().reshape(()) for k in names])
         return values.to(env.device), names
 
+    def _sync_replicated_grads(self) -> None:
+        if not self.replicated:
+            return
+        import torch.distributed as dist
+
+        for p in self.replicated:
+            if p.grad is None:  # unused this step on this rank; others may have a gradient
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= self.env.world_size
+
     def _optimizer_step(self) -> float | None:
+        self._sync_replicated_grads()
         clip = self.recipe.optim.clip_grad_norm
         grad_norm = None
         if clip is not None:

@@ -54,9 +54,11 @@ def test_miss_then_hit_and_exact_features(tmp_path):
     keys = list(IMAGES)
     cache = make_cache(tmp_path, enc, tf)
     assert cache.missing(keys) == keys
-    assert fill(cache, enc, tf, keys[:4] + keys[:2], shard_size=3) == 4  # duplicates computed once
+    assert fill(
+        cache, enc, tf, keys[:4] + keys[:2], shard_bytes=150
+    )  # 64 bytes per image: 3 per shard == 4  # duplicates computed once
     assert enc.seen == 4 and len(list(cache.dir.glob("shard-*.safetensors"))) == 2
-    assert fill(cache, enc, tf, keys, shard_size=3) == 6  # only the misses
+    assert fill(cache, enc, tf, keys, shard_bytes=150)  # 64 bytes per image: 3 per shard == 6  # only the misses
     assert enc.seen == 10
     assert fill(cache, enc, tf, keys) == 0 and enc.seen == 10  # all hits
     reopened = make_cache(tmp_path, enc, tf)  # a new process sees the same cache
@@ -95,7 +97,7 @@ def test_autocast_fill_keeps_encoder_dtype(tmp_path):
 def test_dataset_wrapper_in_worker_processes(tmp_path):
     enc, tf = CountingEncoder(), Resize()
     cache = make_cache(tmp_path, enc, tf)
-    fill(cache, enc, tf, list(IMAGES), shard_size=4)
+    fill(cache, enc, tf, list(IMAGES), shard_bytes=200)
     samples = [{"path": key, "caption": f"caption {i}"} for i, key in enumerate(IMAGES)]
     dataset = CachedFeatureDataset(samples, cache, key_of=lambda s: s["path"], field="image_embeds")
     assert dataset[3]["caption"] == "caption 3"

@@ -51,7 +51,9 @@ def weights(run_dir):
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, subprocess_env, full, mode):
     steps = 16 if full else 4
     run = {"max_steps": steps, "distributed": mode, "save_every": 2, "keep_last": steps}
-    recipe = write_recipe(tmp_path / "r.yaml", run=run, optim={"clip_grad_norm": 1.0, "accum_steps": 2 if full else 1})
+    optim = {"clip_grad_norm": 1.0, "accum_steps": 2 if full else 1}
+    task = {"freeze_encoder": mode == "fsdp"}  # FSDP units mixing frozen and trainable parameters
+    recipe = write_recipe(tmp_path / "r.yaml", task=task, run=run, optim=optim)
     proc = run_vlkit(["train", str(recipe), "--output", str(tmp_path / "two")], subprocess_env, torchrun=2)
     assert proc.stdout.count("trained") == 1  # rank 0 reports; logging is rank-0 only
     one = load_recipe(recipe, ["run.batch_size=8", "run.distributed=none"])

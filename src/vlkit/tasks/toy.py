@@ -196,5 +196,6 @@ def build(cfg: ToyConfig, ctx: TaskContext) -> TaskState:
         evaluate=evaluate,
         best_metric="accuracy" if cfg.val_samples else None,
         fsdp_units=(Block,),
+        deterministic_data=cfg.noise == 0,
         info=info,
     )

@@ -142,7 +142,7 @@ class FeatureCache:
         device: torch.device | str = "cpu",
         batch_size: int = 64,
         num_workers: int = 0,
-        shard_size: int = 2048,
+        shard_bytes: int = 256 << 20,
         autocast_dtype: torch.dtype | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -159,7 +159,7 @@ class FeatureCache:
             encode: the frozen encoder, ``(B, C, H, W) -> (B, ...)``; called under ``torch.no_grad()``.
             device: where ``encode`` runs.
             batch_size, num_workers: batching of the images.
-            shard_size: features per shard file.
+            shard_bytes: start a new shard file once this many bytes of features are pending.
             autocast_dtype: run ``encode`` under autocast with this dtype (must be part of the fingerprint).
             rank, world_size: this process's share of the work.
             progress: show a progress bar (rank 0).
@@ -171,7 +171,7 @@ class FeatureCache:
         share = todo[rank::world_size]
         if share:
             loader = DataLoader(_Pending(share, load), batch_size=batch_size, num_workers=num_workers)
-            self._compute(share, loader, encode, torch.device(device), shard_size, autocast_dtype, rank, progress)
+            self._compute(share, loader, encode, torch.device(device), shard_bytes, autocast_dtype, rank, progress)
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         self.refresh()
@@ -186,7 +186,7 @@ class FeatureCache:
         loader: DataLoader,
         encode: Callable[[Tensor], Tensor],
         device: torch.device,
-        shard_size: int,
+        shard_bytes: int,
         autocast_dtype: torch.dtype | None,
         rank: int,
         progress: bool,
@@ -201,7 +201,7 @@ class FeatureCache:
             encode.eval()
         pending: dict[str, Tensor] = {}
         pending_keys: dict[str, str] = {}
-        done = 0
+        pending_bytes = done = 0
         bar = tqdm(total=len(keys), desc="feature cache", unit="img", disable=not (progress and rank == 0))
         autocast = torch.autocast(
             device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
@@ -215,10 +215,11 @@ class FeatureCache:
                 name = str(len(pending))
                 pending[name] = row.clone()
                 pending_keys[keys[done]] = name
+                pending_bytes += row.numel() * row.element_size()
                 done += 1
-                if len(pending) >= shard_size:
+                if pending_bytes >= shard_bytes:
                     self._write_shard(pending, pending_keys, rank)
-                    pending, pending_keys = {}, {}
+                    pending, pending_keys, pending_bytes = {}, {}, 0
             bar.update(images.shape[0])
         if pending:
             self._write_shard(pending, pending_keys, rank)

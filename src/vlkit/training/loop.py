@@ -258,7 +258,7 @@ class _Trainer:
         generator = torch.Generator()  # keeps DataLoader seeding off the global RNG
         generator.manual_seed(run.seed + 7919 * env.rank)
         self.loader = DataLoader(
-            BatchFetcher(dataset, state.collate_fn or default_collate),
+            BatchFetcher(dataset, state.collate_fn or default_collate, seeded=not state.deterministic_data),
             batch_size=None,
             sampler=self.sampler,
             num_workers=run.num_workers,

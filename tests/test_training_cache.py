@@ -127,3 +127,18 @@ def test_toy_task_on_cached_features_trains_like_the_encoder(tmp_path):
     assert "64 computed" in (tmp_path / "cached/train.log").read_text()
     train(toy_recipe({"feature_cache": str(tmp_path / "cache")}), output_dir=tmp_path / "again")
     assert "0 computed, 64 cached" in (tmp_path / "again/train.log").read_text()
+
+
+def test_work_split_does_not_depend_on_what_others_wrote(tmp_path):
+    # Under torchrun a rank may look at the cache after another rank wrote its shard; its share must not move.
+    enc, tf = CountingEncoder(), Resize()
+    keys = list(IMAGES) + list(IMAGES)[:3]  # duplicates
+    cache = make_cache(tmp_path, enc, tf)
+    before = [cache.share(keys, r, 3) for r in range(3)]
+    assert sorted(k for part in before for k in part) == sorted(IMAGES)  # disjoint, complete
+    fill(cache, enc, tf, before[0])  # rank 0 finished first
+    late = make_cache(tmp_path, enc, tf)
+    assert [late.share(keys, r, 3) for r in (1, 2)] == before[1:]
+    assert late.share(keys, 0, 3) == []
+    with pytest.raises(DataError, match="initialised process group"):
+        fill(late, enc, tf, keys, rank=1, world_size=3)

@@ -52,10 +52,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, subprocess
     steps = 16 if full else 4
     run = {"max_steps": steps, "distributed": mode, "save_every": 2, "keep_last": steps}
     optim = {"clip_grad_norm": 1.0, "accum_steps": 2 if full else 1}
-    task = {"freeze_encoder": mode == "fsdp"}  # FSDP units mixing frozen and trainable parameters
+    task = {}
+    if mode == "fsdp":  # frozen parameters beside sharded ones, and a feature cache filled by both ranks
+        task = {"freeze_encoder": True, "noise": 0.0, "feature_cache": str(tmp_path / "cache")}
     recipe = write_recipe(tmp_path / "r.yaml", task=task, run=run, optim=optim)
     proc = run_vlkit(["train", str(recipe), "--output", str(tmp_path / "two")], subprocess_env, torchrun=2)
     assert proc.stdout.count("trained") == 1  # rank 0 reports; logging is rank-0 only
+    if mode == "fsdp":
+        assert len(list((tmp_path / "cache").glob("*/shard-00[01]-*.safetensors"))) == 2  # one per rank
     one = load_recipe(recipe, ["run.batch_size=8", "run.distributed=none"])
     train(one, output_dir=tmp_path / "one")
     two_rows, one_rows = read_jsonl(tmp_path / "two/metrics.jsonl"), read_jsonl(tmp_path / "one/metrics.jsonl")

@@ -83,14 +83,15 @@ class ToyNet(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.num_classes)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
 
-    def features(self, h: Tensor) -> Tensor:
-        """Logits from encoder features ``h`` (B, hidden)."""
+    def forward(self, x: Tensor | None = None, *, features: Tensor | None = None) -> Tensor:
+        """Logits (B, C) from inputs ``x`` (B, in_dim) or from precomputed encoder ``features`` (B, hidden).
+
+        One entry point for both, because under FSDP parameters are gathered only inside ``__call__``.
+        """
+        h = self.encoder(x) if features is None else features
         for block in self.blocks:
             h = block(h)
-        return self.head(h) * self.logit_scale  # (B, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(self.encoder(x))
+        return self.head(h) * self.logit_scale
 
 
 def make_data(cfg: ToyConfig, n: int, offset: int) -> tuple[Tensor, Tensor]:
@@ -166,7 +167,7 @@ def build(cfg: ToyConfig, ctx: TaskContext) -> TaskState:
         if cfg.step_delay:
             time.sleep(cfg.step_delay)
         # with the feature cache the batch carries the frozen encoder's output "h" instead of running it
-        logits = net.features(batch["h"]) if "h" in batch else net(batch["x"])
+        logits = net(features=batch["h"]) if "h" in batch else net(batch["x"])
         loss = F.cross_entropy(logits.float(), batch["y"])
         if cfg.nan_at_step is not None and calls == cfg.nan_at_step:
             loss = loss * float("nan")

@@ -167,18 +167,34 @@ class FeatureCache:
         Returns:
             The number of keys computed (by all ranks).
         """
-        todo = self.missing(keys)
-        share = todo[rank::world_size]
+        distributed = world_size > 1
+        if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise DataError("FeatureCache.fill with world_size > 1 needs an initialised process group")
+        share = self.share(keys, rank, world_size)
         if share:
             loader = DataLoader(_Pending(share, load), batch_size=batch_size, num_workers=num_workers)
             self._compute(share, loader, encode, torch.device(device), shard_bytes, autocast_dtype, rank, progress)
-        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        computed = len(share)
+        if distributed:
+            on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL reduces only CUDA tensors
+            count = torch.tensor([computed], dtype=torch.int64, device="cuda" if on_gpu else "cpu")
+            torch.distributed.all_reduce(count)  # also the barrier after which every shard is written
+            computed = int(count.item())
         self.refresh()
         still = self.missing(keys)
         if still:
             raise DataError(f"feature cache {self.dir}: {len(still)} keys still missing after fill, e.g. {still[0]!r}")
-        return len(todo)
+        return computed
+
+    def share(self, keys: Sequence[str], rank: int, world_size: int) -> list[str]:
+        """The missing keys that ``rank`` computes: every ``world_size``-th of the distinct ``keys``.
+
+        Ownership follows the position in ``keys`` (identical on every rank), not the list of missing keys:
+        that list depends on when a rank looks (others may already have written shards), and splitting it
+        by position would leave keys to nobody.
+        """
+        distinct = list(dict.fromkeys(keys))
+        return [k for k in distinct[rank::world_size] if k not in self._index]
 
     def _compute(
         self,

@@ -250,3 +250,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and "unknown key run.batchsize" in err[0] and "bad.yaml" in err[0]
     assert cli_main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl rows" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_cuda(tmp_path, precision):
+    recipe = make_recipe(run={"epochs": 3, "precision": precision, "device": "cuda"}, optim={"clip_grad_norm": 1.0})
+    train(recipe, output_dir=tmp_path / "run")
+    rows = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert sum(r["loss"] for r in rows[-4:]) < sum(r["loss"] for r in rows[:4])
+    assert ("loss_scale" in rows[-1]) == (precision == "fp16")  # GradScaler only for fp16
+    assert all(v.dtype == torch.float32 for v in final_weights(tmp_path / "run").values())

@@ -10,9 +10,11 @@ Rules a task must follow:
   ranks), so the model initialises identically everywhere. Build on ``ctx.device`` or on CPU; the trainer
   moves the model to ``ctx.device``.
 - ``training_step(model, batch)`` runs the forward pass and returns a dict of 0-D tensors that contains
-  ``"loss"`` (what is back-propagated); every other entry is logged (e.g. ``"loss_itc"``). The trainer
-  calls it inside the module wrapper that DDP/FSDP see, so it must reach parameters only through
-  ``model(...)`` or submodule calls (never ``.data``). It receives the unwrapped task model.
+  ``"loss"`` (what is back-propagated); every other entry is logged (e.g. ``"loss_itc"``). It receives
+  the unwrapped task model and runs inside the forward of the module that DDP wraps, so gradients are
+  synchronised whatever methods it calls. Under FSDP, parameters are gathered only inside ``__call__``
+  of the root model and of each ``fsdp_units`` module: call ``model(...)`` (give ``forward`` keyword
+  entry points for the different paths), not other methods of the root model.
 - Randomness in ``train_dataset[i]`` and ``collate_fn`` should come from the global ``random``/``numpy``/
   ``torch`` RNGs: the trainer seeds them per sample (from ``run.seed``, the epoch and the sample index)
   and per batch, so augmentations are reproducible, differ across samples and ranks, and resume exactly.

@@ -25,6 +25,8 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "data": Command("vlkit.data.cli", "generate datasets (the synthetic shapes world)"),
     "convert": Command("vlkit.checkpoints.convert", "convert a LAVIS or transformers checkpoint into a vlkit folder"),
+    "train": Command("vlkit.training.cli", "train from a YAML recipe (single process or torchrun DDP/FSDP)"),
+    "plot": Command("vlkit.training.plot", "draw a run's loss / lr / eval curves to a PNG"),
 }
 
 

@@ -159,6 +159,8 @@ def test_gallery_order_comes_from_the_index_field(tokenizer, model):
         retrieval_features(model, tokenizer, [{"image": images[:2], "index": torch.tensor([0, 0])}], texts)
     with pytest.raises(DataError, match="'image'"):
         retrieval_features(model, tokenizer, [{"pixels": images}], texts)
+    with pytest.raises(FeatureError, match="batch sizes"):
+        retrieval_features(model, tokenizer, images, texts, image_batch_size=0)
     with pytest.raises(FeatureError, match="k_test"):
         rerank(model, plain, k_test=0)
     with pytest.raises(FeatureError, match="impl"):

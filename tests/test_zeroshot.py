@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -105,13 +108,13 @@ def test_itm_rerank_orders_the_top_classes_by_match_probability(model, tokenizer
 
 def test_classify_caches_class_features_until_the_weights_change(model, tokenizer, pixels, monkeypatch):
     built = []
-    original = ZeroShotClassifier.__init__
+    original = zeroshot.encode_class_prompts
 
-    def counting(self, *args, **kwargs):
-        built.append(args[2] if len(args) > 2 else kwargs["candidate_labels"])
-        original(self, *args, **kwargs)
+    def counting(*args, **kwargs):
+        built.append(args[2])
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ZeroShotClassifier, "__init__", counting)
+    monkeypatch.setattr(zeroshot, "encode_class_prompts", counting)
     first = classify(model, tokenizer, pixels, LABELS)
     assert classify(model, tokenizer, pixels[:1], LABELS) == first[:1]
     assert len(built) == 1  # the second call reused the class features
@@ -123,7 +126,16 @@ def test_classify_caches_class_features_until_the_weights_change(model, tokenize
     assert len(built) == 3 and changed != first
     classify(model, tokenizer, pixels, LABELS, hypothesis_template="this is a {}")
     assert len(built) == 4
-    assert len(zeroshot._cache[model]) == 4 - 1  # the stale entry was replaced
+    assert len(zeroshot._cache[model]) == 3  # the stale entry was replaced, not added
+
+
+def test_the_cache_does_not_keep_a_model_alive(tokenizer, pixels):
+    m = Blip2(zoo.get_spec("tiny-blip2-eva").config()).eval()
+    classify(m, tokenizer, pixels[:1], LABELS)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
 
 
 def test_bad_arguments(model, tokenizer, pixels):

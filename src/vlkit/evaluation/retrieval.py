@@ -128,6 +128,15 @@ def _image_batches(images: ImageBatches, batch_size: int) -> Iterator[tuple[Tens
             raise DataError(f"image batches must be tensors or dicts with 'image', got {type(batch).__name__}")
 
 
+def _batch_count(images: ImageBatches, batch_size: int) -> int | None:
+    if isinstance(images, Tensor):
+        return -(-images.shape[0] // batch_size)
+    try:
+        return len(images)  # a DataLoader or a list of batches
+    except TypeError:
+        return None
+
+
 def retrieval_features(
     model: Blip2,
     tokenizer: QFormerTokenizer,
@@ -162,6 +171,8 @@ def retrieval_features(
     """
     if len(texts) == 0:
         raise FeatureError("no texts in the retrieval gallery")
+    if image_batch_size < 1 or text_batch_size < 1:
+        raise FeatureError(f"batch sizes must be >= 1, got images {image_batch_size}, texts {text_batch_size}")
     ids, mask = tokenize(tokenizer, texts, text_processor=text_processor, max_length=max_length, padding="max_length")
     text_feats, image_feats, vit_embeds, indices = [], [], [], []
     with inference(model) as device:
@@ -170,7 +181,8 @@ def retrieval_features(
             rows = slice(start, start + text_batch_size)
             text_out = model.encode_text(ids[rows].to(device), mask[rows].to(device))
             text_feats.append(model.project_text(text_out).float())
-        for pixels, index in _progress(_image_batches(images, image_batch_size), "images", None, progress):
+        batches = _image_batches(images, image_batch_size)
+        for pixels, index in _progress(batches, "images", _batch_count(images, image_batch_size), progress):
             vit = model.encode_image(pixels.to(device))  # (B, N, Dv)
             image_feats.append(model.project_image(model.encode_queries(vit).query_output).float())
             vit_embeds.append(vit.to(storage_device))

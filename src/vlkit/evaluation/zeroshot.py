@@ -44,14 +44,65 @@ from vlkit.processors import QFormerTokenizer, blip_caption
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "ClassPrompts",
     "ClassificationResult",
     "ZeroShotClassifier",
     "classify",
+    "encode_class_prompts",
     "evaluate_classification",
 ]
 
 DEFAULT_TEMPLATE = "a photo of {}."
 _CACHE_SIZE = 8  # label sets remembered per model by classify()
+
+
+@dataclass
+class ClassPrompts:
+    """The encoded prompts of one label set (no reference to the model, so caches can hold it).
+
+    Attributes:
+        labels: class names.
+        prompts: ``hypothesis_template.format(label)`` per class, before text processing.
+        text_ids: (C, L) token ids of the processed prompts.
+        text_mask: (C, L) their padding mask.
+        text_feats: (C, E) float32 unit [CLS] features, on the model's device.
+    """
+
+    labels: list[str]
+    prompts: list[str]
+    text_ids: Tensor
+    text_mask: Tensor
+    text_feats: Tensor
+
+
+def encode_class_prompts(
+    model: Blip2,
+    tokenizer: QFormerTokenizer,
+    candidate_labels: Sequence[str],
+    hypothesis_template: str = DEFAULT_TEMPLATE,
+    *,
+    text_processor: TextProcessor | None = blip_caption,
+    max_length: int = ITM_MAX_LENGTH,
+    batch_size: int = 256,
+) -> ClassPrompts:
+    """Build and encode the class prompts (arguments as :class:`ZeroShotClassifier`)."""
+    labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+    if not labels:
+        raise FeatureError("candidate_labels is empty")
+    if len(set(labels)) != len(labels):
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        raise FeatureError(f"candidate_labels has duplicates: {duplicates}")
+    if "{}" not in hypothesis_template:
+        raise FeatureError(f"hypothesis_template needs a '{{}}' for the label, got {hypothesis_template!r}")
+    prompts = [hypothesis_template.format(label) for label in labels]
+    ids, mask = tokenize(tokenizer, prompts, text_processor=text_processor, max_length=max_length)  # (C, L)
+    feats = []
+    with inference(model) as device:
+        for start in range(0, len(labels), batch_size):
+            rows = slice(start, start + batch_size)
+            out = model.encode_text(ids[rows].to(device), mask[rows].to(device))
+            feats.append(model.project_text(out).float())
+    return ClassPrompts(labels, prompts, ids, mask, torch.cat(feats))
 
 
 class ZeroShotClassifier:
@@ -78,28 +129,30 @@ class ZeroShotClassifier:
         max_length: int = ITM_MAX_LENGTH,
         batch_size: int = 256,
     ) -> None:
-        labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
-        if not labels:
-            raise FeatureError("candidate_labels is empty")
-        if len(set(labels)) != len(labels):
-            duplicates = sorted({label for label in labels if labels.count(label) > 1})
-            raise FeatureError(f"candidate_labels has duplicates: {duplicates}")
-        if "{}" not in hypothesis_template:
-            raise FeatureError(f"hypothesis_template needs a '{{}}' for the label, got {hypothesis_template!r}")
+        classes = encode_class_prompts(
+            model,
+            tokenizer,
+            candidate_labels,
+            hypothesis_template,
+            text_processor=text_processor,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+        self._set(model, classes)
+
+    @classmethod
+    def from_prompts(cls, model: Blip2, classes: ClassPrompts) -> ZeroShotClassifier:
+        """A classifier over already encoded class prompts (of this model)."""
+        classifier = cls.__new__(cls)
+        classifier._set(model, classes)
+        return classifier
+
+    def _set(self, model: Blip2, classes: ClassPrompts) -> None:
         self.model = model
-        self.labels = labels
-        self.hypothesis_template = hypothesis_template
-        self.prompts = [hypothesis_template.format(label) for label in labels]
-        self.text_ids, self.text_mask = tokenize(
-            tokenizer, self.prompts, text_processor=text_processor, max_length=max_length
-        )  # (C, L)
-        feats = []
-        with inference(model) as device:
-            for start in range(0, len(labels), batch_size):
-                rows = slice(start, start + batch_size)
-                out = model.encode_text(self.text_ids[rows].to(device), self.text_mask[rows].to(device))
-                feats.append(model.project_text(out).float())
-        self.text_feats = torch.cat(feats)  # (C, E) on the model's device
+        self.labels = classes.labels
+        self.prompts = classes.prompts
+        self.text_ids, self.text_mask = classes.text_ids, classes.text_mask  # (C, L)
+        self.text_feats = classes.text_feats  # (C, E)
 
     def image_inputs(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         """ViT outputs (B, N, Dv) and query features (B, Q, E) of a batch of images (call under no_grad)."""
@@ -185,9 +238,9 @@ def _weights_stamp(model: Blip2) -> tuple[Any, ...]:
     return (str(first.device), first.dtype, *((id(p), p._version) for p in model.parameters()))
 
 
-_cache: weakref.WeakKeyDictionary[Blip2, OrderedDict[tuple, tuple[Any, ZeroShotClassifier]]] = (
-    weakref.WeakKeyDictionary()
-)
+# Per model (held weakly), the encoded prompts of recent label sets with the weights stamp they were
+# computed under. Entries hold no reference to the model, so the cache never keeps a model alive.
+_cache: weakref.WeakKeyDictionary[Blip2, OrderedDict[tuple, tuple[Any, ClassPrompts]]] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
 
@@ -198,22 +251,23 @@ def _classifier(
     template: str,
     text_processor: TextProcessor | None,
 ) -> ZeroShotClassifier:
-    key = (tuple(labels), template, id(tokenizer), text_processor)
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    key = (tuple(labels), template, tokenizer, text_processor)
     stamp = _weights_stamp(model)
     with _cache_lock:
         entries = _cache.setdefault(model, OrderedDict())
         hit = entries.get(key)
         if hit is not None and hit[0] == stamp:
             entries.move_to_end(key)
-            return hit[1]
-    classifier = ZeroShotClassifier(model, tokenizer, labels, template, text_processor=text_processor)
+            return ZeroShotClassifier.from_prompts(model, hit[1])
+    classes = encode_class_prompts(model, tokenizer, labels, template, text_processor=text_processor)
     with _cache_lock:
         entries = _cache.setdefault(model, OrderedDict())
-        entries[key] = (stamp, classifier)
+        entries[key] = (stamp, classes)
         entries.move_to_end(key)
         while len(entries) > _CACHE_SIZE:
             entries.popitem(last=False)
-    return classifier
+    return ZeroShotClassifier.from_prompts(model, classes)
 
 
 def classify(

@@ -141,7 +141,10 @@ def test_shared_image_itm_equals_the_reference(model, tokenizer, impl):
         with torch.no_grad():
             images = model.encode_image(torch.randn(3, 3, 32, 32, generator=g))  # (U, N, Dv)
             ids, mask = tok(tokenizer, [*TEXTS, *TEXTS[:3]])  # 7 pairs, padded
-            for index in (torch.tensor([0, 0, 2, 1, 2, 0, 1]), torch.zeros(7, dtype=torch.long), None):
+            # Scattered pairs (one key/value copy per pair), runs of pairs per image (folded queries), one
+            # image for all pairs, and one image per pair.
+            indices = (torch.tensor([0, 0, 2, 1, 2, 0, 1]), torch.tensor([2, 2, 2, 0, 0, 1, 1]), torch.zeros(7), None)
+            for index in [i.long() if i is not None else None for i in indices]:
                 u = images[:1] if index is not None and int(index.max()) == 0 else images
                 if index is None:
                     ids_, mask_, u = ids[:3], mask[:3], images

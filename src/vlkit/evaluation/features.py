@@ -17,9 +17,11 @@ processed text is unchanged) and the Q-Former tokenizer.
 :func:`pair_itm_logits` is the batched ITM kernel shared with retrieval and zero-shot re-ranking. Many
 pairs often share an image (an image against its top-k captions, an image against k class prompts); its
 fast path projects each distinct image's tokens to cross-attention keys/values once and lets every pair of
-that image attend to them, instead of projecting a copy of the image per pair. For the ViT-g Q-Former that
-projection (677 image tokens x 1408 -> 768, six layers, keys and values) is more than half the cost of an
-ITM pass. The reference path is ``Blip2.itm_logits`` on one image copy per pair; a test checks they agree.
+that image attend to them (pairs that come in runs per image attend as one long query sequence, so no
+per-pair copy of the keys/values is made), instead of projecting a copy of the image per pair. For the
+ViT-g Q-Former that projection (677 image tokens x 1408 -> 768, six layers, keys and values) is more than
+half the cost of an ITM pass. The reference path is ``Blip2.itm_logits`` on one image copy per pair; a
+test checks they agree.
 """
 
 from __future__ import annotations
@@ -291,24 +293,55 @@ def _heads(attn: QFormerAttention, x: Tensor) -> Tensor:
     return x.view(b, n, attn.heads, d // attn.heads).transpose(1, 2)  # (B, H, N, Dh)
 
 
-def _cross_attend_shared(attn: QFormerAttention, x: Tensor, image_embeds: Tensor, image_index: Tensor | None) -> Tensor:
+def _runs(image_index: Tensor | None) -> list[tuple[int, int, int]] | None:
+    """(start, stop, image) of each run of consecutive pairs sharing an image, if runs average >= 2 pairs."""
+    if image_index is None:
+        return None
+    images, counts = torch.unique_consecutive(image_index, return_counts=True)
+    if 2 * images.numel() > image_index.numel():
+        return None
+    runs, start = [], 0
+    for image, count in zip(images.tolist(), counts.tolist()):
+        runs.append((start, start + count, image))
+        start += count
+    return runs
+
+
+def _cross_attend_shared(
+    attn: QFormerAttention,
+    x: Tensor,
+    image_embeds: Tensor,
+    image_index: Tensor | None,
+    runs: list[tuple[int, int, int]] | None,
+) -> Tensor:
     """``attn(x, kv_input=image_embeds[image_index])`` with keys/values projected once per distinct image.
+
+    Cross-attention has no mask, so the queries of all pairs in a run that shares an image can attend as
+    one long query sequence of that image: no per-pair copy of its keys/values is ever made.
 
     Args:
         attn: a Q-Former cross-attention sub-layer.
         x: (P, Q, D) query states of P pairs.
         image_embeds: (U, N, Dv) distinct images.
         image_index: (P,) image of each pair, or None when U == P (pair p uses image p).
+        runs: from :func:`_runs`, or None to gather one key/value copy per pair.
     """
     k, v = _heads(attn, attn.key(image_embeds)), _heads(attn, attn.value(image_embeds))  # (U, H, N, Dh)
-    if image_index is not None:
-        if image_embeds.shape[0] == 1:
-            k, v = k.expand(x.shape[0], -1, -1, -1), v.expand(x.shape[0], -1, -1, -1)
-        else:
-            k, v = k.index_select(0, image_index), v.index_select(0, image_index)
-    q = _heads(attn, attn.query(x))
+    q = _heads(attn, attn.query(x))  # (P, H, Q, Dh)
     p = attn.attention_dropout if attn.training else 0.0
-    out = attend(q, k, v, None, dropout_p=p, impl=attn.attn_impl).transpose(1, 2).reshape(x.shape)
+    if runs is not None:
+        parts = []
+        for start, stop, image in runs:
+            n, heads, length, dh = q[start:stop].shape
+            folded = q[start:stop].transpose(0, 1).reshape(1, heads, n * length, dh)  # (1, H, n*Q, Dh)
+            out = attend(folded, k[image : image + 1], v[image : image + 1], None, dropout_p=p, impl=attn.attn_impl)
+            parts.append(out.reshape(heads, n, length, dh).transpose(0, 1))  # (n, H, Q, Dh)
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    else:
+        if image_index is not None:
+            k, v = k.index_select(0, image_index), v.index_select(0, image_index)
+        out = attend(q, k, v, None, dropout_p=p, impl=attn.attn_impl)
+    out = out.transpose(1, 2).reshape(x.shape)
     return attn.norm(attn.dropout(attn.out(out)) + x)
 
 
@@ -339,12 +372,13 @@ def _itm_query_output_shared(
         device=x.device,
     )
     image_embeds = image_embeds.to(dtype)
+    runs = _runs(image_index)
     last = len(qformer.layers) - 1
     for i, layer in enumerate(qformer.layers):
         h, _ = layer.self_attn(x, mask)
         q = h[:, :n_query]
         if layer.cross_attn is not None:
-            q = _cross_attend_shared(layer.cross_attn, q, image_embeds, image_index)
+            q = _cross_attend_shared(layer.cross_attn, q, image_embeds, image_index, runs)
         if i == last:  # only the query outputs are read: the last text feed-forward can be skipped
             return layer.query_ffn(q)
         x = torch.cat([layer.query_ffn(q), layer.text_ffn(h[:, n_query:])], dim=1)

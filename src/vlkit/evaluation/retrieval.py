@@ -14,7 +14,8 @@ Two implementations give the same matrices (a test checks it):
 * ``impl="batched"`` (default): the candidate pairs of both directions are pooled, de-duplicated (a pair
   in both an image's and a text's top-k is scored once), sorted by image, and scored ``itm_batch_size``
   pairs at a time with :func:`~vlkit.evaluation.features.pair_itm_logits`, which projects each image's
-  cross-attention keys/values once per batch however many of its pairs the batch holds. Under
+  cross-attention keys/values once per batch however many of its pairs the batch holds; padding columns
+  common to the whole batch are dropped (masked keys contribute nothing). Under
   ``torch.distributed`` the pairs are split evenly across ranks and the scores sum-all-reduced.
 * ``impl="reference"``: LAVIS's loop, one ITM batch of ``k_test`` pairs per image and then per text, with
   rows split across ranks.

@@ -110,8 +110,9 @@ def test_scores_are_itm_logit_plus_cosine(tokenizer, model):
     with torch.no_grad():
         for i in range(4):
             for t in torch.nonzero(scores.i2t[i] > -100).flatten().tolist():
-                itm = model.itm_logits(features.vit_embeds[i : i + 1], features.text_ids[t : t + 1],
-                                       features.text_mask[t : t + 1])[0, 1]  # fmt: skip
+                itm = model.itm_logits(
+                    features.vit_embeds[i : i + 1], features.text_ids[t : t + 1], features.text_mask[t : t + 1]
+                )[0, 1]
                 torch.testing.assert_close(scores.i2t[i, t], itm + scores.sim[i, t], rtol=1e-5, atol=1e-5)
                 if scores.t2i[t, i] > -100:  # the same pair in the other direction has the same score
                     assert scores.t2i[t, i] == scores.i2t[i, t]
@@ -130,9 +131,15 @@ def test_batched_equals_the_lavis_loop(tokenizer, model, k_test, itm_batch_size)
     texts = [f"a {c} {s} at the {p}" for c in COLOURS for s in SHAPES for p in ("left", "top")][:17]
     texts.append("a very long caption " * 12)  # truncated at 35 tokens
     batched = compute_sim_matrix(
-        model, tokenizer, images, texts, k_test=k_test, itm_batch_size=itm_batch_size, image_batch_size=3,
+        model,
+        tokenizer,
+        images,
+        texts,
+        k_test=k_test,
+        itm_batch_size=itm_batch_size,
+        image_batch_size=3,
         progress=False,
-    )  # fmt: skip
+    )
     reference = compute_sim_matrix(model, tokenizer, images, texts, k_test=k_test, impl="reference", progress=False)
     assert batched.i2t.shape == (7, 18) and batched.t2i.shape == (18, 7)
     assert torch.equal(batched.i2t == -100, reference.i2t == -100)
@@ -219,8 +226,9 @@ def _worker(rank: int, port: int, out_dir: str, tokenizer_path: str) -> None:
         model, tokenizer, images, texts = _gallery(tokenizer_path)
         out = {}
         for impl in ("batched", "reference"):
-            s = compute_sim_matrix(model, tokenizer, images, texts, k_test=3, itm_batch_size=4, impl=impl,
-                                   progress=False)  # fmt: skip
+            s = compute_sim_matrix(
+                model, tokenizer, images, texts, k_test=3, itm_batch_size=4, impl=impl, progress=False
+            )
             out[impl] = (s.i2t, s.t2i)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:

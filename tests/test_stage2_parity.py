@@ -215,10 +215,10 @@ def test_convert_cli_keeps_weights_tokenizers_and_ties(pairs, case, tmp_path):
 
 
 def test_t5_folder_keeps_its_activation_and_lavis_style_forces_exact_gelu():
+    from stage2_reference import text_config
+
     from vlkit.checkpoints.hf import lm_config_from_hf
     from vlkit.models.blip2 import LanguageModelConfig
-
-    from stage2_reference import text_config
 
     tanh = dict(text_config("t5"), dense_act_fn="gelu_new")
     assert lm_config_from_hf(tanh, instruction=False).hf_config["dense_act_fn"] == "gelu_new"

@@ -41,8 +41,12 @@ def count(module, trainable_only: bool = False) -> int:
 
 def _hf_meta(config):
     """The transformers model with the same shapes (EVA ViT only), on the meta device."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+    )
 
     v, q = config.vision, config.qformer
     vision = dict(

@@ -210,3 +210,78 @@ def hf_inputs(model, ids: torch.Tensor, mask: torch.Tensor, *, left_pad: bool) -
         rows.append(torch.cat([row[~m.bool()], image[0], keep]))
         masks.append(torch.cat([torch.zeros(pad, dtype=mask.dtype), ones[0], torch.ones_like(keep)]))
     return torch.stack(rows), torch.stack(masks)
+
+
+PROJECTION = {"opt": "opt_proj", "t5": "t5_proj", "llama": "llm_proj"}
+LLM_PREFIX = {"opt": "opt_model", "t5": "t5_model", "llama": "llm_model"}
+
+
+def hf_to_lavis(ref, kind: str, *, seed: int = 0) -> tuple[dict, dict]:
+    """A LAVIS "trimmed" stage-2 / InstructBLIP checkpoint and its EVA ViT file holding ``ref``'s weights.
+
+    The transformers conversion rules of blip2-spec.md §5.3, inverted: vision -> the separate EVA file (with
+    one extra block, as the released file has), ``language_projection`` -> ``opt_proj``/``t5_proj``/``llm_proj``,
+    Q-Former -> ``Qformer.bert.*`` (plus the ``position_ids`` buffer every LAVIS file has). The LLM is not in
+    the checkpoint (see ``save_llm_folder``), except OPT's tied ``lm_head.weight`` in fp16 (§9.6).
+    """
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    width = ref.config.vision_config.hidden_size
+    main: dict[str, torch.Tensor] = {}
+    vit: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("language_model."):
+            continue
+        if key.startswith("vision_model."):
+            new = key[len("vision_model.") :]
+            if new == "post_layernorm.weight" or new == "post_layernorm.bias":
+                main["ln_vision." + new.split(".")[-1]] = value
+                continue
+            new = new.replace("embeddings.class_embedding", "cls_token")
+            new = new.replace("embeddings.position_embedding", "pos_embed")
+            new = new.replace("embeddings.patch_embedding", "patch_embed.proj")
+            new = (
+                new.replace("encoder.layers.", "blocks.")
+                .replace("layer_norm1", "norm1")
+                .replace("layer_norm2", "norm2")
+            )
+            new = new.replace("self_attn.projection", "attn.proj").replace("self_attn.qkv", "attn.qkv")
+            if new.endswith("attn.qkv.bias"):
+                prefix = new[: -len("qkv.bias")]
+                vit[prefix + "q_bias"], vit[prefix + "v_bias"] = value[:width], value[2 * width :]
+                continue
+            vit[new] = value
+            continue
+        new = key.replace("language_projection", PROJECTION[kind])
+        new = new.replace("qformer.embeddings.layernorm", "Qformer.bert.embeddings.LayerNorm")
+        new = new.replace("qformer.layernorm", "Qformer.bert.embeddings.LayerNorm")
+        new = new.replace("qformer.embeddings.", "Qformer.bert.embeddings.")
+        new = new.replace("qformer.", "Qformer.bert.").replace(".attention.attention.", ".attention.self.")
+        new = new.replace(".crossattention.attention.", ".crossattention.self.")
+        main[new] = value
+    main["Qformer.bert.embeddings.position_ids"] = torch.arange(ref.config.qformer_config.max_position_embeddings)[None]
+    if kind == "opt":
+        main["opt_model.lm_head.weight"] = sd["language_model.lm_head.weight"].half()
+    depth = ref.config.vision_config.num_hidden_layers
+    for name in [k for k in vit if k.startswith("blocks.0.")]:  # the released file's extra last block
+        vit[name.replace("blocks.0.", f"blocks.{depth}.")] = torch.randn(vit[name].shape, generator=g)
+    return main, vit
+
+
+def save_llm_folder(ref, path, kind: str, *, drop_rows: int = 0) -> None:
+    """The LLM of ``ref`` as a transformers folder with a tiny tokenizer (what ``--llm`` points at).
+
+    ``drop_rows``: store the vocabulary without its last rows (Vicuna before InstructBLIP's ``[PAD]``).
+    """
+    import copy
+
+    llm = copy.deepcopy(ref.language_model)
+    if drop_rows:
+        llm.resize_token_embeddings(llm.config.vocab_size - drop_rows, mean_resizing=False)
+    llm.save_pretrained(path)
+    tok = tokenizer(kind)
+    vocab = llm.config.vocab_size
+    if drop_rows:  # the real Vicuna tokenizer has exactly the checkpoint's vocabulary
+        tok.add_tokens([f"<extra_{i}>" for i in range(vocab - len(tok))])
+        assert len(tok) == vocab
+    tok.save_pretrained(path)

@@ -196,7 +196,7 @@ _TINY_LLMS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "ffn_dim": 64,
         "max_position_embeddings": 128,
-        "vocab_size": 128,
+        "vocab_size": 320,  # room for a byte-level BPE test tokenizer (256 bytes + merges)
     },
     "llama": {
         "hidden_size": 32,

@@ -80,8 +80,9 @@ def _qformer_text(ref, batch: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, ref.config.qformer_config.vocab_size, (batch, 6), generator=g)
     mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    ids[1, 4:] = 0
+    if batch > 1:  # one padded instruction
+        mask[1, 4:] = 0
+        ids[1, 4:] = 0
     return ids, mask
 
 
@@ -239,3 +240,23 @@ def test_loss_matches_manual_cross_entropy_of_logits(pairs):
     targets = causal_lm_targets(ids.masked_fill(mask == 0, 1), num_query_tokens=NUM_QUERY, pad_id=1)
     manual = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(causal_lm_loss(logits, targets), manual)
+
+
+@pytest.mark.parametrize("case", [("blip2", "opt"), ("instructblip", "t5")], ids="-".join)
+def test_sampling_with_a_seed_matches_transformers(pairs, case):
+    ref, ours, _ = pairs(case)
+    kind = case[1]
+    pixels = _pixels(batch=1)
+    ids, mask = _text(ref, lengths=(3,), left_pad=kind != "t5", seed=7)
+    q_ids, q_mask = _qformer_text(ref, 1)
+    settings = dict(max_new_tokens=6, do_sample=True, top_p=0.9, top_k=20, num_return_sequences=3, pad_token_id=PAD)
+    with torch.no_grad():
+        eos = _frequent_token(ref, ours, pixels, ids, mask, q_ids, q_mask)
+        prefix = ours.llm_prefix(pixels, qformer_ids=q_ids, qformer_mask=q_mask)
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            expected = _hf_generate(ref, kind, pixels, ids, mask, q_ids, q_mask, dict(settings, eos_token_id=eos))
+            torch.manual_seed(seed)
+            config = GenerationConfig(**{k: v for k, v in settings.items() if k != "do_sample"}, do_sample=True)
+            got = ours.generate(prefix, ids, mask, config.replace(eos_token_id=eos))
+            assert torch.equal(got, expected[:, : got.shape[1]]) and bool((expected[:, got.shape[1] :] == PAD).all())

@@ -40,21 +40,50 @@ class Shapes:
 
 
 MEDIUM = Shapes(
-    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                image_size=224, patch_size=16),
-    qformer=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 cross_attention_frequency=2),
-    text=dict(model_type="opt", hidden_size=768, word_embed_proj_dim=768, num_hidden_layers=12,
-              num_attention_heads=12, ffn_dim=3072, vocab_size=50272, max_position_embeddings=2048),
+    vision=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+    ),
+    qformer=dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        cross_attention_frequency=2,
+    ),
+    text=dict(
+        model_type="opt",
+        hidden_size=768,
+        word_embed_proj_dim=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        ffn_dim=3072,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+    ),
     queries=32,
 )
 TINY = Shapes(
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                patch_size=8),
-    qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 cross_attention_frequency=2),
-    text=dict(model_type="opt", hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=2,
-              ffn_dim=64, vocab_size=128, max_position_embeddings=128),
+    vision=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    ),
+    qformer=dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, cross_attention_frequency=2
+    ),
+    text=dict(
+        model_type="opt",
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=64,
+        vocab_size=128,
+        max_position_embeddings=128,
+    ),
     queries=4,
 )
 
@@ -77,9 +106,10 @@ def build_pair(shapes: Shapes, folder: Path):
     return ref, load_model(folder)
 
 
-def _time(fn, repeats: int) -> tuple[float, float, torch.Tensor]:
-    """Best-of-``repeats`` (wall seconds, CPU seconds) of ``fn`` after one warm-up call, and its output."""
-    out = fn()
+def _time(fn, repeats: int, warmup: int) -> tuple[float, float, torch.Tensor]:
+    """Best-of-``repeats`` (wall seconds, CPU seconds) of ``fn`` after ``warmup`` calls, and its output."""
+    for _ in range(warmup):
+        fn()
     best_wall = best_cpu = float("inf")
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -89,7 +119,9 @@ def _time(fn, repeats: int) -> tuple[float, float, torch.Tensor]:
     return best_wall, best_cpu, out
 
 
-def run(shapes: Shapes, batches: list[int], dtypes: list[str], new_tokens: int, repeats: int) -> list[dict]:
+def run(
+    shapes: Shapes, batches: list[int], dtypes: list[str], new_tokens: int, repeats: int, warmup: int = 1
+) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ref32, ours32 = build_pair(shapes, Path(tmp))
@@ -106,19 +138,19 @@ def run(shapes: Shapes, batches: list[int], dtypes: list[str], new_tokens: int, 
                 for beams in (1, 5):
                     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams)
 
-                    def hf_call(settings=settings, pixels=pixels, hf_ids=hf_ids):
+                    def hf_call(settings=settings, pixels=pixels, hf_ids=hf_ids, ref=ref):
                         with torch.inference_mode():
                             out = ref.generate(pixel_values=pixels, input_ids=hf_ids, do_sample=False, **settings)
                         return out[:, hf_ids.shape[1] :]
 
                     config = GenerationConfig(eos_token_id=2, pad_token_id=1, **settings)
 
-                    def our_call(config=config, pixels=pixels, prompt=prompt):
+                    def our_call(config=config, pixels=pixels, prompt=prompt, ours=ours):
                         with torch.inference_mode():
                             return ours.generate(ours.llm_prefix(pixels), prompt, None, config)
 
-                    hf_wall, hf_cpu, hf_out = _time(hf_call, repeats)
-                    our_wall, our_cpu, our_out = _time(our_call, repeats)
+                    hf_wall, hf_cpu, hf_out = _time(hf_call, repeats, warmup)
+                    our_wall, our_cpu, our_out = _time(our_call, repeats, warmup)
                     rows.append(
                         dict(
                             dtype=dtype_name,
@@ -157,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny config, one repeat: a smoke test")
     parser.add_argument("--new-tokens", type=int, default=20, help="new tokens per caption (default 20)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats per row, best kept (default 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing each row (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} threads, best of {repeats}; ratio = vlkit / transformers (> 1: vlkit faster)"
     )
     print(HEADER)
-    rows = run(shapes, [1, 2] if args.quick else [1, 8], ["fp32", "bf16"], new_tokens, repeats)
+    rows = run(shapes, [1, 2] if args.quick else [1, 8], ["fp32", "bf16"], new_tokens, repeats, args.warmup)
     fp32_same = all(r["same"] for r in rows if r["dtype"] == "fp32")
     print(f"fp32 outputs token-identical: {'yes' if fp32_same else 'NO'}")
     return 0 if fp32_same else 1

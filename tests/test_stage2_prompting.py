@@ -212,3 +212,10 @@ def test_caption_answer_and_loss_helpers_run_end_to_end():
     torch.testing.assert_close(loss, reference)
     with pytest.raises(Exception, match="2 images but 1 questions"):
         answer(model, proc, pixels, ["one?"])
+
+
+def test_probe_uses_positions_not_stale_ids():
+    # A fast tokenizer keeps prepending "<s>" after its bos is overridden to "</s>"; framing must use "</s>".
+    tok = instructblip_vicuna_tokenizer(tokenizer("llama"))
+    assert tok("a b")["input_ids"][0] == 1 and tok.bos_token_id == 2
+    assert probe_framing(tok) == (True, False)

@@ -66,16 +66,18 @@ __all__ = [
 
 
 def probe_framing(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether ``tokenizer`` puts its bos token first / its eos token last when it adds special tokens.
+    """Whether ``tokenizer`` puts a special token first / last when it adds special tokens.
 
-    Compares the ids of a probe text with and without special tokens.
+    Compares the ids of a probe text with and without special tokens. Only the position matters: the
+    framing then uses the tokenizer's *current* bos/eos ids, as the reference's slow tokenizers do (a fast
+    tokenizer whose bos was overridden, like InstructBLIP's Vicuna, may still prepend the old one).
     """
     text = "a b"
     plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     full = list(tokenizer(text)["input_ids"])
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos and full[1:][: len(plain)] == plain
-    add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos and full[:-1][-len(plain) :] == plain
+    start = full.index(plain[0]) if plain and plain[0] in full else 0
+    add_bos = start == 1 and full[1 : 1 + len(plain)] == plain
+    add_eos = len(full) == start + len(plain) + 1 and full[start : start + len(plain)] == plain
     return add_bos, add_eos
 
 

@@ -263,6 +263,19 @@ def config_from_hf(hf_config: Mapping[str, Any], architecture: str, *, tokenizer
     )
 
 
+# Keys of a transformers config dict that describe the saving library, not the model.
+_HF_CONFIG_NOISE = (
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+)
+
+
 def lm_config_from_hf(text_config: Any, *, instruction: bool, tokenizer: Any = None) -> LanguageModelConfig:
     """``LanguageModelConfig`` for a transformers LLM config (a ``PretrainedConfig`` or its dict).
 
@@ -279,19 +292,6 @@ def lm_config_from_hf(text_config: Any, *, instruction: bool, tokenizer: Any = N
     exact = data.get("dense_act_fn") == "gelu" or not LanguageModelConfig.is_t5_gelu(data)
     conventions = prompting.family_conventions(data, instruction=instruction, tokenizer=tokenizer)
     return LanguageModelConfig(kind=kind, hf_config=data, exact_gelu=exact, **conventions)
-
-
-# Keys of a transformers config dict that describe the saving library, not the model.
-_HF_CONFIG_NOISE = (
-    "transformers_version",
-    "_name_or_path",
-    "architectures",
-    "dtype",
-    "torch_dtype",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-)
 
 
 def config_to_hf(config: Blip2Config, *, allow_eps_change: bool = False) -> dict[str, Any]:

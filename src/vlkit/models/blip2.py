@@ -153,6 +153,9 @@ class Blip2Config:
         ln_vision_eps: eps of ``ln_vision``: 1e-5 in LAVIS, 1e-6 in transformers (it reuses the ViT eps).
         itc_itm_heads: has ``vision_proj``, ``text_proj``, ``itm_head`` and ``temp`` (stage 1).
         lm: the stage-2 LLM and its projection (None: a stage-1 model).
+
+    ``instruction_aware`` (a class attribute, True for ``InstructBlipConfig``) says whether prompts also
+    enter the Q-Former.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -482,7 +485,8 @@ class Blip2(nn.Module):
             qformer_ids, qformer_mask: (B, T) instruction tokens that enter the Q-Former with the queries
                 (bi-directional, InstructBLIP); None runs the queries alone (BLIP-2).
         """
-        projection = self._llm_part(self.language_projection)
+        self._llm()  # a stage-1 model has no projection: say so clearly
+        projection = self.language_projection
         if image_embeds is None:
             if pixel_values is None:
                 raise ValueError("llm_prefix needs pixel_values or image_embeds")
@@ -663,10 +667,6 @@ class Blip2(nn.Module):
         if self.llm is None:
             raise ConfigError("this BLIP-2 model has no LLM (config.lm is None: a stage-1 model)")
         return self.llm
-
-    def _llm_part(self, module: Any) -> Any:
-        self._llm()
-        return module
 
     def _head(self, name: str) -> Any:
         module = getattr(self, name)

@@ -59,3 +59,12 @@ def test_stage1_model_has_no_llm():
     with pytest.raises(ConfigError, match="no LLM"):
         model.llm_prefix(torch.randn(1, 3, 32, 32))
     assert model.tied_parameters() == {}
+
+
+def test_llm_storage_dtype_casts_parameters_but_not_buffers():
+    config = zoo.get_spec("tiny-instructblip-vicuna").config()
+    config.lm.dtype = "float16"
+    model = InstructBlip(config)
+    assert {p.dtype for p in model.llm.parameters()} == {torch.float16}
+    assert {b.dtype for b in model.llm.buffers()} == {torch.float32}  # LLaMA's rotary frequencies stay fp32
+    assert model.query_tokens.dtype == torch.float32

@@ -222,6 +222,12 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters (in place, ties kept) but not buffers: a frozen LLM stored in fp16 keeps
+    e.g. LLaMA's rotary frequencies in fp32, as transformers does."""
+    module._apply(lambda t: t.to(dtype) if isinstance(t, nn.Parameter) and t.is_floating_point() else t)
+
+
 def build_llm(lm: LanguageModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
     """The transformers LLM of ``lm``, randomly initialised from its config (nothing is downloaded).
 
@@ -285,7 +291,7 @@ class Blip2(nn.Module):
         if dtype is not None:
             self.to(dtype)
         elif config.lm is not None and config.lm.dtype is not None:
-            self.llm.to(TORCH_DTYPES[config.lm.dtype])
+            cast_parameters(self.llm, TORCH_DTYPES[config.lm.dtype])
         self._vision_frozen = False
         self._llm_frozen = False
 

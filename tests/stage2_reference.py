@@ -285,3 +285,9 @@ def save_llm_folder(ref, path, kind: str, *, drop_rows: int = 0) -> None:
         tok.add_tokens([f"<extra_{i}>" for i in range(vocab - len(tok))])
         assert len(tok) == vocab
     tok.save_pretrained(path)
+
+
+def write_bert_vocab(path) -> None:
+    """A small WordPiece ``vocab.txt`` covering ``CORPUS`` (fits the tiny Q-Formers' vocabularies)."""
+    words = sorted({w.strip("?:.") for line in CORPUS for w in line.lower().split()} | {"?", ":", "."})
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")

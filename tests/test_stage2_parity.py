@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stage2_reference import NUM_QUERY, hf_blip2, hf_inputs, hf_instructblip, tokenizer
+from stage2_reference import NUM_QUERY, hf_blip2, hf_inputs, hf_instructblip, tokenizer, write_bert_vocab
 from transformers.utils import logging as hf_logging
 
 from vlkit.checkpoints.folder import load_checkpoint, load_model
@@ -202,9 +202,17 @@ def test_convert_cli_keeps_weights_tokenizers_and_ties(pairs, case, tmp_path):
     kind = case[1]
     tok = tokenizer(kind)
     tok.save_pretrained(folder)  # a transformers folder ships its processor's tokenizer at the root
+    if case[0] == "instructblip":  # ... and InstructBLIP's Q-Former tokenizer in qformer_tokenizer/
+        from vlkit.processors import QFormerTokenizer
+
+        write_bert_vocab(tmp_path / "vocab.txt")
+        QFormerTokenizer(tmp_path / "vocab.txt").save(folder / "qformer_tokenizer")
     assert cli(["convert", str(folder), str(tmp_path / "out")]) == 0
     loaded = load_checkpoint(tmp_path / "out")
     model = loaded.model
+    if case[0] == "instructblip":
+        assert loaded.qformer_tokenizer is not None and (tmp_path / "out" / "qformer_tokenizer").is_dir()
+        assert loaded.qformer_tokenizer.bos_token_id == len(loaded.qformer_tokenizer) - 1  # [DEC] kept
     assert loaded.llm_tokenizer is not None and len(loaded.llm_tokenizer) == len(tok)
     assert model.config == ours.config and model.config.lm.add_bos == (kind == "opt")
     assert model.config.lm.add_eos == (kind == "t5")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stage2_reference import CORPUS, tokenizer
+from stage2_reference import tokenizer, write_bert_vocab
 from transformers.utils import logging as hf_logging
 
 from vlkit import zoo
@@ -39,9 +39,8 @@ def _quiet():
 @pytest.fixture(scope="module")
 def qformer_vocab(tmp_path_factory):
     """A small WordPiece vocabulary (fits the tiny Q-Formers' 128 ids) covering the test texts."""
-    words = sorted({w.strip("?:.") for line in CORPUS for w in line.lower().split()} | {"?", ":", "."})
     path = tmp_path_factory.mktemp("bert") / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")
+    write_bert_vocab(path)
     return path
 
 

@@ -113,11 +113,10 @@ def test_parameter_counts_match_transformers(full):
         assert trainable == count(ours.ln_vision) + ours.query_tokens.numel() + count(ours.qformer) + count(
             ours.language_projection
         )
-        if v.kind != "eva":  # transformers' BLIP-2 has no CLIP ViT: compare the rest
-            ref = _hf_meta(zoo._stage2(config.lm.hf_config, instruction=config.instruction_aware))
+        ref = _hf_meta(config)
+        if v.kind != "eva":  # transformers' BLIP-2 has no CLIP ViT: compare the rest (same widths)
             assert count(ours) - count(ours.vision) - count(ours.ln_vision) == count(ref) - count(ref.vision_model)
             continue
-        ref = _hf_meta(config)
         # transformers' fused qkv bias carries a (zero) key third per block that we do not store.
         assert count(ours) + v.depth * v.width == count(ref), name
         assert count(ours.llm) == count(ref.language_model), name

@@ -7,9 +7,10 @@ Examples::
     vlkit convert blip2_finetune_coco.pth out/blip2-coco              # ViT weights are inside
     vlkit convert path/to/hf/blip2-itm-vit-g out/blip2-itm            # transformers folder
     vlkit convert path/to/hf/blip2-opt-2.7b out/blip2-opt             # stage 2, with its tokenizer
-    vlkit convert blip2_pretrained_opt2.7b.pth out/blip2-opt --vision eva_vit_g.pth --llm path/to/opt-2.7b \
-        --preset blip2-opt2.7b-pretrain                               # LAVIS stage 2 + local LLM folder
-    vlkit convert instruct_blip_vicuna7b_trimmed.pth out/ib-vicuna --vision eva_vit_g.pth \
+    # LAVIS stage 2 / InstructBLIP: the trimmed checkpoint + the ViT file + the LLM's local folder
+    vlkit convert blip2_pretrained_opt2.7b.pth out/blip2-opt --vision eva_vit_g.pth
+        --llm path/to/opt-2.7b --preset blip2-opt2.7b-pretrain
+    vlkit convert instruct_blip_vicuna7b_trimmed.pth out/ib-vicuna --vision eva_vit_g.pth
         --llm path/to/vicuna-7b-v1.1 --qformer-tokenizer path/to/bert-base-uncased
 """
 

@@ -52,3 +52,21 @@ def subprocess_env() -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHON"] = sys.executable
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random models saved as vlkit folders with tokenizers: ``{"blip2", "stage1", "instructblip", "vlmo":
+    folder}`` (see tests/surfaces_fixtures.py)."""
+    from surfaces_fixtures import KINDS, build
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build(kind, root) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def shape_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four small PNG files of coloured shapes."""
+    from surfaces_fixtures import write_images
+
+    return write_images(tmp_path_factory.mktemp("shape-images"))

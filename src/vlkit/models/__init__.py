@@ -6,6 +6,10 @@ class (an explicit dict: no registry, no import side effects).
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from vlkit.models.blip2 import Blip2, Blip2Config
 from vlkit.models.instructblip import InstructBlip, InstructBlipConfig
 from vlkit.models.vlmo import VLMo, VLMoConfig
@@ -17,3 +21,17 @@ ARCHS: dict[str, tuple[type, type]] = {
 }
 
 __all__ = ["ARCHS", "Blip2", "Blip2Config", "InstructBlip", "InstructBlipConfig", "VLMo", "VLMoConfig"]
+
+
+class _ModelsPackage(types.ModuleType):
+    """This package is also ``vlkit.models``, the attribute the API promises as a function: calling it
+    returns :func:`vlkit.api.models` (the list of model names), so ``vlkit.models()`` works whether or not
+    the package was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from vlkit.api import models
+
+        return models(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _ModelsPackage

@@ -299,6 +299,8 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"bad device {device!r} ({err})") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for but CUDA is not available here")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return resolved
 
 

@@ -105,6 +105,36 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class CatchAll:
+    """ASGI middleware turning an unexpected exception into a 500 JSON response. Unlike an exception handler
+    for ``Exception`` (which Starlette runs and then re-raises, so uvicorn drops the connection), the error
+    stops here: the client gets its answer and its keep-alive connection stays usable."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as err:
+            log.exception("internal error on %s", scope.get("path"))
+            if started:  # too late for a JSON answer: let the server close the connection
+                raise
+            message = f"internal error ({type(err).__name__}: {err})"
+            await _error_response(ApiError(500, message, "InternalError"))(scope, receive, send)
+
+
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse({"error": str(err), "type": err.kind, "status": err.status}, status_code=err.status)
 
@@ -334,6 +364,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
     app.state.pipeline = pipe
     app.state.settings = settings
     app.state.batcher = batcher
+    app.add_middleware(CatchAll)  # added first: innermost, around the routes and their exception handlers
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     _install_error_handlers(app)
 
@@ -476,11 +507,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return _error_response(ApiError(err.status_code, str(err.detail), "HTTPError"))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return _error_response(ApiError(500, f"internal error ({type(err).__name__}: {err})", "InternalError"))
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:

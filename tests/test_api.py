@@ -176,6 +176,12 @@ def test_generation_settings(pipes, image_files):
     assert groups[0][0] == pipe.caption(image_files[0], num_beams=3, max_new_tokens=5)
     with pytest.raises(DataError, match="unknown generation setting"):
         pipe.caption(image_files[0], beams=3)
+    limit = pipe.model.config.lm.hf_config["max_position_embeddings"]
+    with pytest.raises(DataError, match=f"exceeds the LLM's {limit} positions"):
+        pipe.caption(image_files[0], max_new_tokens=limit)
+    long = " ".join(["describe the picture"] * 100)  # InstructBLIP does not cut the LLM prompt
+    with pytest.raises(DataError, match="tokens \\+ 4 query tokens \\+ 5 new tokens exceeds"):
+        pipes["instructblip"].instruct(image_files[0], long, max_new_tokens=5)
     with pytest.raises(GenerationError):
         pipe.caption(image_files[0], num_beams=0)
     assert pipe.generation_defaults("caption").num_beams == 5

@@ -94,8 +94,11 @@ def test_instruct_accepts_the_seed_spelling(capsys, dirs, images, pipes):
             "--max-new-tokens", "6",
         )  # fmt: skip
         assert payload == [{"image": images[0], "prompt": "describe the image.", "response": expected}]
-    code, out, _ = run(capsys, "instruct", "--img_path", images[0], "-p", "hi", "--model", dirs["instructblip"])
+    argv = ["instruct", "--img_path", images[0], "-p", "hi", "--model", dirs["instructblip"], "--max-new-tokens", "4"]
+    code, out, _ = run(capsys, *argv)
     assert code == 0 and out.splitlines()[0].split() == ["image", "response"]
+    code, _, err = run(capsys, *argv[:-2])  # InstructBLIP's 256 new tokens do not fit the tiny LLaMA's positions
+    assert code == 2 and "exceeds the LLM's 256 positions" in err
 
 
 def test_classify(capsys, dirs, images, pipes):

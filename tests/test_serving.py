@@ -352,3 +352,38 @@ def test_batcher_refuses_beyond_its_queue_and_drops_abandoned_items():
     assert result == "k:1" and calls == [("k", [1])] and stats.dropped == 1
     with pytest.raises(Exception, match="must be >= 1"):
         MicroBatcher(lambda k, p: p, max_batch=0)
+
+
+def test_vlkit_serve_command_serves_until_interrupted(tiny_model_dirs, pipes, images, subprocess_env):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "vlkit", "serve", str(tiny_model_dirs["stage1"]), "--port", str(port)]
+    argv += ["--max-batch", "4", "--log-level", "warning", "--device", "cpu"]
+    proc = subprocess.Popen(argv, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(url + "/healthz", timeout=5).json()
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"vlkit serve did not come up: {proc.communicate()[1][-2000:]}")
+                time.sleep(0.2)
+        assert health["tasks"] == list(pipes["stage1"].tasks)
+        assert httpx.get(url + "/v1/models").json()["limits"]["max_batch"] == 4
+        got = httpx.post(url + "/v1/caption", files={"image": images[2]}, timeout=60).json()
+        assert got["caption"] == pipes["stage1"].caption(images[2])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"serving {tiny_model_dirs['stage1']} (caption, classify, retrieve, itm, embed) on {url}/" in out

@@ -587,6 +587,23 @@ class Pipeline:
         tok = self.qformer_tokenizer
         return lavis_caption_config(eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
 
+    def _check_llm_length(self, prompts: list[str], task: str, generation: dict[str, Any]) -> Any:
+        """Refuse prompts that cannot fit the LLM's positions with the queries and the new tokens (a clear
+        error instead of an index error deep inside the LLM); returns the task's generation config."""
+        config = self.processor.generation_config(task, **_gen(generation))
+        limit = self.processor.lm.hf_config.get("max_position_embeddings")
+        if not limit or not self.processor.causal:  # T5's relative positions have no hard limit
+            return config
+        ids = self.processor.prompts(prompts).input_ids  # (B, T), cut at max_txt_len where the model cuts
+        need = self.processor.num_query_tokens + ids.shape[1] + config.max_new_tokens
+        if need > limit:
+            raise DataError(
+                f"a prompt of {ids.shape[1]} tokens + {self.processor.num_query_tokens} query tokens + "
+                f"{config.max_new_tokens} new tokens exceeds the LLM's {limit} positions; shorten it or lower "
+                "max_new_tokens"
+            )
+        return config
+
     # ------------------------------------------------------------------------------------------ tasks
     def caption(
         self,
@@ -618,6 +635,8 @@ class Pipeline:
             if use_llm:
                 from vlkit.prompting import caption
 
+                default = self.processor.lm.prompt or ("A short image caption." if self.arch == "instructblip" else "")
+                self._check_llm_length([default if prompt is None else prompt], "caption", generation)
                 texts = caption(self.model, self.processor, pixels, prompt=prompt, **_gen(generation))
                 per_image = _gen(generation).get("num_return_sequences", 1)
             else:
@@ -679,8 +698,11 @@ class Pipeline:
                 logits = self.model.vqa_logits(ids.to(self.device), mask.to(self.device), pixels)
                 out = self.vqa_vocab.decode(logits.float().cpu())
             else:
-                from vlkit.prompting import answer
+                from vlkit.processors import blip_question
+                from vlkit.prompting import VQA_PROMPT, answer
 
+                prompts = [VQA_PROMPT.format(blip_question(q)) for q in question_list]
+                self._check_llm_length(prompts, "vqa", generation)
                 out = answer(self.model, self.processor, pixels, question_list, **_gen(generation))
         return out[0] if single else out
 
@@ -706,7 +728,7 @@ class Pipeline:
         single = _is_single(images) and isinstance(prompts, str)
         image_list, prompt_list = _pairs(_as_list(images, "images"), _texts(prompts, "prompts"), "prompts")
         pixels = self.pixels(image_list)
-        config = self.processor.generation_config("instruct", **_gen(generation))
+        config = self._check_llm_length(prompt_list, "instruct", generation)
         out = generate_text(self.model, self.processor, pixels, prompt_list, config)
         return out[0] if single else out
 

@@ -198,24 +198,10 @@ async def _read(request: Request, model: type[BaseModel], settings: ServerSettin
             raise
         except Exception as err:  # python-multipart / starlette parse errors
             raise ApiError(400, f"malformed multipart body: {err}", "MalformedMultipart") from err
-        data: dict[str, Any] = {}
-        images: list[bytes] = []
-        for name in set(form.keys()):
-            values = form.getlist(name)
-            files = [v for v in values if hasattr(v, "read")]
-            if files:
-                if name not in ("image", "images"):
-                    raise ApiError(
-                        422, f"unexpected file field {name!r}; images go in 'image' or 'images'", "ValidationError"
-                    )
-                images += [await f.read() for f in files]
-                continue
-            if name in _LIST_FIELDS:
-                data[name] = _split_list(name, [str(v) for v in values])
-            elif len(values) > 1:
-                raise ApiError(422, f"field {name!r} given {len(values)} times", "ValidationError")
-            else:
-                data[name] = values[0]
+        try:
+            data, images = await _form_fields(form)
+        finally:
+            await form.close()  # uploads are spooled to temporary files
         parsed = _validate(model, data)
         images += [_b64(value, name) for name, value in _image_fields(parsed)]
         return parsed, images
@@ -224,6 +210,28 @@ async def _read(request: Request, model: type[BaseModel], settings: ServerSettin
         f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data or application/json",
         "UnsupportedMediaType",
     )
+
+
+async def _form_fields(form: Any) -> tuple[dict[str, Any], list[bytes]]:
+    """Form fields (list fields as lists) and the bytes of the uploaded images, in upload order."""
+    data: dict[str, Any] = {}
+    images: list[bytes] = []
+    for name in dict.fromkeys(form.keys()):
+        values = form.getlist(name)
+        files = [v for v in values if hasattr(v, "read")]
+        if files:
+            if name not in ("image", "images"):
+                raise ApiError(
+                    422, f"unexpected file field {name!r}; images go in 'image' or 'images'", "ValidationError"
+                )
+            images += [await f.read() for f in files]
+        elif name in _LIST_FIELDS:
+            data[name] = _split_list(name, [str(v) for v in values])
+        elif len(values) > 1:
+            raise ApiError(422, f"field {name!r} given {len(values)} times", "ValidationError")
+        else:
+            data[name] = values[0]
+    return data, images
 
 
 def _split_list(name: str, values: list[str]) -> list[str]:

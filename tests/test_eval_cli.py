@@ -165,6 +165,23 @@ def test_caption_stage2_uses_coco_settings_and_falls_back_to_the_files_captions(
     assert list(predictions.values()) == expected
 
 
+def test_flant5_counts_the_decoder_start_in_the_minimum_length(capsys, tmp_path, world):
+    from stage2_reference import tokenizer
+
+    from vlkit import zoo
+
+    folder = save_pretrained(zoo.build("tiny-blip2-flant5"), tmp_path / "t5", llm_tokenizer=tokenizer("t5"))
+    out = tmp_path / "out"
+    rc, _, _ = run(
+        capsys, "caption", "--model", folder, "--data", world.root, "--output", out, "--limit", 1,
+        "--max-new-tokens", 9, "--metrics", "CIDEr",
+    )  # fmt: skip
+    assert rc == 0
+    generation = read(out / "metrics.json")["settings"]["generation"]
+    assert (generation["min_new_tokens"], generation["max_new_tokens"], generation["num_beams"]) == (7, 9, 5)
+    assert len(read(out / "predictions.json")) == 1
+
+
 def test_instructblip_caption_and_vqa_defaults(capsys, tmp_path, instructblip_folder, world):
     rc, _, _ = run(
         capsys, "caption", "--model", instructblip_folder, "--data", world.root, "--output", tmp_path / "c",

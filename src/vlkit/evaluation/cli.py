@@ -5,8 +5,9 @@ Tasks and the models they take:
 * ``caption``: COCO caption evaluation (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when available). A stage-1
   BLIP-2 captions with its Q-Former (LAVIS ``Blip2Qformer.generate`` defaults: 3 beams, at most 29 / at least
   9 new tokens); a stage-2 BLIP-2 with its LLM and the model's prompt (COCO evaluation settings: 5 beams,
-  at most 30 / at least 8 new tokens); InstructBLIP with the prompt "A short image caption." (5 beams, at
-  most 80 / at least 10 new tokens).
+  at most 30 / at least 8 new tokens, 7 for FlanT5, whose min_length counts the decoder start token);
+  InstructBLIP with the prompt "A short image caption." (5 beams, at most 80 / at least 10 new tokens, 9 for
+  FlanT5).
 * ``vqa``: official VQAv2 accuracy. Stage-2 BLIP-2 answers "Question: {} Short answer:" (5 beams, at most
   10 new tokens, length penalty 0 for decoder-only and -1 for encoder-decoder LLMs); InstructBLIP answers
   "Question: {} Short Answer:" with length penalty -1. ``--rank-candidates FILE`` picks each answer from a
@@ -128,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         help="COCO caption metrics",
         description=(
             "COCO caption evaluation. Stage-1 BLIP-2: Q-Former captioning, 3 beams, <= 29 / >= 9 new tokens. "
-            "Stage-2 BLIP-2: the model's prompt, 5 beams, <= 30 / >= 8 new tokens. InstructBLIP: prompt "
-            f"{INSTRUCT_CAPTION_PROMPT!r}, 5 beams, <= 80 / >= 10 new tokens."
+            "Stage-2 BLIP-2: the model's prompt, 5 beams, <= 30 / >= 8 new tokens (FlanT5: >= 7). InstructBLIP: "
+            f"prompt {INSTRUCT_CAPTION_PROMPT!r}, 5 beams, <= 80 / >= 10 new tokens (FlanT5: >= 9)."
         ),
     )
     caption.add_argument(
@@ -215,6 +216,11 @@ def _required(value: str | None, option: str, task: str, what: str) -> str:
     return value
 
 
+def _given_data(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("data", "images", "questions", "annotations", "labels", "references")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def resolve_data(args: argparse.Namespace) -> dict[str, Any]:
     """The files of the task, from a shapes-world root or the explicit options; every one checked to exist.
 
@@ -231,7 +237,7 @@ def resolve_data(args: argparse.Namespace) -> dict[str, Any]:
     shapes = shapes_paths(args.data, args.split) if _is_shapes_root(args.data) else None
     out: dict[str, Any] = {}
     if task == "nlvr2":  # VLMo only: its data sources are read by the VLMo evaluation (see run_vlmo)
-        return {"data": args.data, "images": args.images}
+        return _given_data(args)
     if task in ("caption", "retrieval"):
         if shapes is not None:
             out["annotations"] = shapes.coco_captions if task == "caption" else shapes.flickr
@@ -443,11 +449,13 @@ def _caption_setup(loaded: Any, kind: str, args: argparse.Namespace, data: dict[
         settings["decoder"] = "qformer"
     else:
         processor = _llm_processor(loaded, args, kind)
+        # The reference's caption yaml lengths (COCO: max 30 / min 8; InstructBLIP: max 80 / min 10). Its
+        # encoder-decoder LLMs count the decoder start token in min_length, so they need one new token less.
+        max_len, min_len = (80, 10) if kind == "instructblip" else (30, 8)
+        defaults = {"max_new_tokens": max_len, "min_new_tokens": min_len - (0 if processor.causal else 1)}
         if kind == "instructblip":
-            defaults: dict[str, Any] = {"max_new_tokens": 80, "min_new_tokens": 10}
             prompt = INSTRUCT_CAPTION_PROMPT if args.prompt is None else args.prompt
         else:
-            defaults = {"min_new_tokens": 8}
             prompt = processor.lm.prompt if args.prompt is None else args.prompt
         config = processor.generation_config("caption", **{**defaults, **overrides})
 
@@ -642,7 +650,8 @@ def run_vlmo(args: argparse.Namespace, data: dict[str, Any], model: Any = None) 
 
     Args:
         args: the parsed command line (``args.task``, ``args.model``, batch size, device, ...).
-        data: the resolved files (:func:`resolve_data`).
+        data: the data options as given (``data``, ``images``, ``questions``, ``annotations``, ...), not
+            resolved: VLMo's sources differ from BLIP-2's (arrow tables, NLVR2 files).
         model: the loaded VLMo when the checkpoint was not a vlkit folder (None: load from ``args.model``).
 
     Returns:
@@ -699,7 +708,7 @@ def write_outputs(
         "num_samples": result.num_samples,
         "settings": settings,
         "metrics": result.metrics,
-        "agg_metrics": AGG_METRIC.get(args.task),
+        "agg_metrics_definition": AGG_METRIC.get(args.task),
         **result.details,
         "files": files,
     }
@@ -748,7 +757,8 @@ def evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
     kind = model_kind(config) if config is not None else None
     if kind is not None:
         check_task(args.task, kind, config, args.model)
-    data = resolve_data(args)
+    # VLMo reads its own data sources (VQA/NLVR2/retrieval files or arrow tables): it gets the options as given.
+    data = resolve_data(args) if kind != "vlmo" else _given_data(args)
     device = _device(args.device)
     owns_group = not distributed.is_distributed()
     distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
@@ -782,9 +792,14 @@ def evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
                 torch.distributed.destroy_process_group()
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``vlkit eval`` arguments (``["caption", "--model", ...]``) for :func:`evaluate`."""
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
     """Run ``vlkit eval ...``; returns the exit status (bad input raises VlkitError: exit 2)."""
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     start = time.perf_counter()
     result, doc = evaluate(args)
     if doc is not None and not args.quiet:

@@ -53,7 +53,7 @@ Answerer = Callable[[Tensor, list[str]], list[str]]
 #: Class scorer: images (B, 3, S, S) -> (B, C) class logits.
 ClassScorer = Callable[[Tensor], Tensor]
 
-#: What LAVIS selects checkpoints by, per task (documented in metrics.json as ``agg_metrics``).
+#: What ``agg_metrics`` is per task (what LAVIS selects checkpoints by); metrics.json records it.
 AGG_METRIC = {
     "caption": "CIDEr + Bleu_4",
     "vqa": "overall",

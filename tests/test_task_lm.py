@@ -160,3 +160,24 @@ def test_runtime_errors(world, tmp_path):
         build(world, tmp_path, "opt", bos_token="<nonexistent>")
     with pytest.raises(ConfigError, match="not a tokenizer folder"):
         build(world, tmp_path, "opt", tokenizer="missing")
+
+
+def test_a_failing_export_leaves_no_model_folder(world, tmp_path, monkeypatch):
+    original = lm_pretrain.build
+
+    def build_with_broken_export(cfg, ctx):
+        state = original(cfg, ctx)
+
+        def export(model, state_dict, folder):
+            (folder / "half-written").write_text("x")
+            raise RuntimeError("disk full")
+
+        state.export = export
+        return state
+
+    monkeypatch.setattr(lm_pretrain, "build", build_with_broken_export)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(recipe(world, run={"max_steps": 1}), output_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "model").exists()
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".model")]
+    assert (tmp_path / "r" / "checkpoints" / "latest").is_file()  # the final checkpoint was written first

@@ -467,8 +467,8 @@ def _vlmo_folder(path):
     "case, message",
     [
         ("vqa-stage1", "vlkit eval vqa needs a stage-2 BLIP-2 (with an LLM), an InstructBLIP model, a VLMo"),
-        ("retrieval-opt", "vlkit eval retrieval needs a stage-1 BLIP-2"),
-        ("classification-opt", "vlkit eval classification needs a stage-1 BLIP-2"),
+        ("retrieval-opt", "needs the Q-Former's text input and the ITC/ITM heads"),
+        ("classification-opt", "a stage-2 one only when trained with keep_stage1"),
         ("nlvr2-stage1", "vlkit eval nlvr2 needs a VLMo model"),
         ("missing-data", "no such file"),
         ("no-data", "vlkit eval caption needs --data"),

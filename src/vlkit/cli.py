@@ -23,6 +23,7 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command("vlkit.commands.demo", "the bundled shapes models at work (--retrain OUT: train them anew)"),
     "data": Command("vlkit.data.cli", "generate datasets (the synthetic shapes world)"),
     "convert": Command("vlkit.checkpoints.convert", "convert a LAVIS or transformers checkpoint into a vlkit folder"),
     "train": Command("vlkit.training.cli", "train from a YAML recipe (single process or torchrun DDP/FSDP)"),

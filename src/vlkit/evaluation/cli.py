@@ -60,8 +60,9 @@ _KIND_NAMES = {
 _TASK_KINDS = {
     "caption": ("stage1", "stage2", "instructblip"),
     "vqa": ("stage2", "instructblip", "vlmo"),
-    "retrieval": ("stage1", "vlmo"),
-    "classification": ("stage1",),
+    # A stage-2 BLIP-2 does them when it kept the stage-1 heads (``keep_stage1``, e.g. shapes-blip2).
+    "retrieval": ("stage1", "stage2", "vlmo"),
+    "classification": ("stage1", "stage2"),
     "nlvr2": ("vlmo",),
 }
 
@@ -309,12 +310,15 @@ def check_task(task: str, kind: str, config: Any, model: str) -> None:
     if kind not in _TASK_KINDS[task]:
         takes = ", ".join(_KIND_NAMES[k] for k in _TASK_KINDS[task])
         raise ConfigError(f"vlkit eval {task} needs {takes}; {model} is {_KIND_NAMES[kind]}")
-    if kind != "stage1":
+    if kind not in ("stage1", "stage2"):
         return
-    if task == "caption" and not config.qformer.lm_head:
+    if kind == "stage1" and task == "caption" and not config.qformer.lm_head:
         raise ConfigError(f"{model}: this stage-1 Q-Former has no language-model head, so it cannot caption")
-    if task in ("retrieval", "classification") and not config.itc_itm_heads:
-        raise ConfigError(f"{model}: vlkit eval {task} needs the ITC/ITM heads, which this model does not have")
+    if task in ("retrieval", "classification") and not (config.itc_itm_heads and config.qformer.text_input):
+        raise ConfigError(
+            f"{model}: vlkit eval {task} needs the Q-Former's text input and the ITC/ITM heads, which this model "
+            "does not have (a stage-1 BLIP-2 has them; a stage-2 one only when trained with keep_stage1)"
+        )
 
 
 def _peek_config(path: str) -> Any | None:

@@ -1,0 +1,636 @@
+"""The shapes demo: vlkit's bundled models at work, measured against random initialisation, and the pipeline
+that trains them from scratch.
+
+``vlkit demo`` (:func:`run_demo`) loads the three bundled models (``shapes-blip2``, ``shapes-instructblip``,
+``shapes-vlmo``), shows them captioning, answering, classifying and retrieving on a held-out shapes test split,
+evaluates every task through ``vlkit eval`` and prints one table next to the same architectures with random
+weights, and writes a PNG grid of test images with what the models said about them.
+
+``vlkit demo --retrain OUT`` (:func:`retrain`) makes those models again from nothing, through the recipes of
+``configs/shapes/`` and the ordinary ``vlkit train`` machinery::
+
+    vlkit data shapes OUT/data --train-images 5000      the world (train / val / test)
+    vlkit data tokenizers OUT/data OUT/data/tokenizers  WordPiece for the Q-Former, BPE for the LLMs
+    lm_opt, lm_llama                                    tiny OPT and LLaMA pretrained on the shapes text
+    stage1                                              ViT + Q-Former: ITC + ITM + ITG
+    stage2                                              frozen tiny OPT behind the Q-Former -> shapes-blip2
+    instruct                                            InstructBLIP with the frozen tiny LLaMA -> shapes-instructblip
+    vlmo_pretrain, vlmo                                 VLMo: ITC + ITM, then the VQA classifier -> shapes-vlmo
+
+and evaluates the results the same way. The floors every bundled model must reach are in :data:`CHECKS`; a CI
+test holds the bundled models to them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlkit.errors import ConfigError, DataError
+
+#: Demo roles -> bundled model names (``vlkit.api.BUNDLED``).
+MODELS: dict[str, str] = {
+    "blip2": "shapes-blip2",
+    "instructblip": "shapes-instructblip",
+    "vlmo": "shapes-vlmo",
+}
+
+#: The class prompt the shapes models are evaluated with (labels read "large blue circle").
+CLASS_TEMPLATE = "a {}"
+
+#: Images of the demo's test split (the split the floors are checked on).
+DEMO_TEST_IMAGES = 100
+
+#: Seed of the demo's shapes world; its test split is the fixed split of the floors (the generator draws every
+#: split from its own seed, so the test images do not depend on how many train images a world has).
+WORLD_SEED = 0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the demo table: a metric of one ``vlkit eval`` run and the floor the bundled model keeps.
+
+    Attributes:
+        label: what the row says.
+        role: the model (a :data:`MODELS` key).
+        task: the ``vlkit eval`` task.
+        metric: the key in the run's metrics.
+        floor: the value the bundled model must reach (issue [demo]).
+        args: extra ``vlkit eval`` arguments (rows with the same role, task and args share one run).
+    """
+
+    label: str
+    role: str
+    task: str
+    metric: str
+    floor: float
+    args: tuple[str, ...] = ()
+
+
+CHECKS: tuple[Check, ...] = (
+    Check(
+        "zero-shot classification top-1 (%)", "blip2", "classification", "top1", 90.0, ("--template", CLASS_TEMPLATE)
+    ),
+    Check("retrieval TR@1", "blip2", "retrieval", "txt_r1", 60.0),
+    Check("retrieval IR@1", "blip2", "retrieval", "img_r1", 50.0),
+    Check("caption CIDEr", "blip2", "caption", "CIDEr", 1.2, ("--metrics", "Bleu_4,ROUGE_L,CIDEr")),
+    Check("zero-shot VQA accuracy (%)", "blip2", "vqa", "overall", 75.0),
+    Check("InstructBLIP VQA accuracy (%)", "instructblip", "vqa", "overall", 75.0),
+    Check("VLMo VQA accuracy (%)", "vlmo", "vqa", "overall", 80.0),
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``vlkit train`` run of the retrain pipeline.
+
+    Attributes:
+        name: the run folder under ``OUT/runs``.
+        recipe: the recipe file in the recipes folder.
+        quick: overrides of the reduced (CI) pipeline, on top of ``run.max_steps``.
+    """
+
+    name: str
+    recipe: str
+    quick: tuple[str, ...] = ()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("lm_opt", "lm_opt.yaml"),
+    Stage("lm_llama", "lm_llama.yaml"),
+    Stage("stage1", "stage1.yaml"),
+    Stage("stage2", "stage2.yaml"),
+    Stage("instruct", "instruct.yaml"),
+    Stage("vlmo_pretrain", "vlmo_pretrain.yaml"),
+    Stage("vlmo", "vlmo_vqa.yaml"),
+)
+
+#: Which run's exported model plays each demo role.
+ROLE_RUNS: dict[str, str] = {"blip2": "stage2", "instructblip": "instruct", "vlmo": "vlmo"}
+
+#: Train images of the full pipeline's world, and of the reduced one.
+TRAIN_IMAGES = 5000
+QUICK_TRAIN_IMAGES = 64
+QUICK_STEPS = 4
+
+
+def recipes_dir() -> Path:
+    """``configs/shapes`` of the source checkout vlkit runs from."""
+    return Path(__file__).resolve().parents[2] / "configs" / "shapes"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ensure_world(root: Path, *, test_images: int, train_images: int = 1, progress: bool = False) -> Path:
+    """A shapes world at ``root`` with at least ``test_images`` test images (made when missing or smaller)."""
+    from vlkit.data.shapes import generate_shapes_world
+
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        try:
+            splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
+            if splits["test"]["images"] >= test_images and splits["train"]["images"] >= train_images:
+                return root
+        except (KeyError, ValueError, TypeError):
+            pass
+    generate_shapes_world(
+        root,
+        images=test_images,
+        train_images=train_images,
+        val_images=1,
+        test_images=test_images,
+        seed=WORLD_SEED,
+        progress=progress,
+    )
+    return root
+
+
+def model_folder(name_or_path: str | os.PathLike) -> Path:
+    """The folder of a bundled model name or a model folder."""
+    from vlkit.api import resolve_model
+
+    return resolve_model(name_or_path)
+
+
+def random_init_copy(folder: Path, out: Path, *, seed: int = 0) -> Path:
+    """A copy of the model folder ``folder`` at ``out`` whose weights are the architecture's fresh
+    initialisation (same config, tokenizers and label files): the baseline the trained model is compared to."""
+    import torch
+
+    from vlkit.checkpoints.folder import WEIGHTS_FILE, read_config, tied_aliases
+    from vlkit.checkpoints.io import save_safetensors
+    from vlkit.models import ARCHS
+
+    arch, config = read_config(folder)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(folder, out)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ARCHS[arch][1](config)
+    aliases = tied_aliases(model)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    save_safetensors(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "arch": arch})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """Metric values of :data:`CHECKS` rows (by label) and the seconds the evaluations took."""
+
+    values: dict[str, float | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate_models(
+    models: dict[str, Path],
+    world: Path,
+    *,
+    out: Path,
+    device: str = "cpu",
+    limit: int | None = None,
+    checks: Sequence[Check] = CHECKS,
+    progress: bool = False,
+) -> Scores:
+    """Evaluate every check whose role is in ``models`` on the test split of ``world`` through ``vlkit eval``.
+
+    Args:
+        models: role -> model folder.
+        world: a shapes world.
+        out: where each evaluation writes its predictions and metrics (``out/ROLE-TASK``).
+        device: ``vlkit eval --device``.
+        limit: ``vlkit eval --limit`` (images; VQA: questions).
+        checks: the rows.
+        progress: show the evaluations' progress bars.
+
+    Returns:
+        The value of each check's metric (None when its model is not in ``models``).
+    """
+    from vlkit.evaluation.cli import evaluate, parse_args
+
+    start = time.perf_counter()
+    scores = Scores()
+    runs: dict[tuple[str, str, tuple[str, ...]], dict[str, Any]] = {}
+    for check in checks:
+        if check.role not in models:
+            scores.values[check.label] = None
+            continue
+        key = (check.role, check.task, check.args)
+        if key not in runs:
+            argv = [
+                check.task,
+                "--model", str(models[check.role]),
+                "--data", str(world),
+                "--split", "test",
+                "--device", device,
+                "--output", str(out / f"{check.role}-{check.task}"),
+                *check.args,
+            ]  # fmt: skip
+            if limit is not None:
+                argv += ["--limit", str(limit)]
+            if not progress:
+                argv.append("--quiet")
+            result, _ = evaluate(parse_args(argv))
+            runs[key] = dict(result.metrics)
+        value = runs[key].get(check.metric)
+        if value is None:
+            raise DataError(f"vlkit eval {check.task} on {models[check.role]} reported no {check.metric!r}")
+        scores.values[check.label] = float(value)
+    scores.seconds = time.perf_counter() - start
+    return scores
+
+
+def format_scores(columns: dict[str, Scores], checks: Sequence[Check] = CHECKS, *, floors: bool = True) -> str:
+    """One table: a row per check, a column per set of scores (and the floors)."""
+    from vlkit.metrics.report import format_table
+
+    headers = ["metric", *columns]
+    if floors:
+        headers.append("floor")
+    rows = []
+    for check in checks:
+        row: list[Any] = [check.label]
+        for scores in columns.values():
+            value = scores.values.get(check.label)
+            row.append("-" if value is None else (f"{value:.3f}" if check.task == "caption" else f"{value:.1f}"))
+        if floors:
+            row.append(f">= {check.floor:g}")
+        rows.append(row)
+    return format_table(rows, headers=headers)
+
+
+def failed_floors(scores: Scores, checks: Sequence[Check] = CHECKS) -> list[str]:
+    """The checks whose value is below its floor (or missing), as readable lines."""
+    return [
+        f"{check.label}: {scores.values.get(check.label)} < {check.floor:g}"
+        for check in checks
+        if scores.values.get(check.label) is None or scores.values[check.label] < check.floor  # type: ignore[operator]
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Showcase
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Showcase:
+    """What the demo shows on a few test images (also drawn into the grid)."""
+
+    images: list[Path]
+    captions: list[str]
+    questions: list[str]
+    truths: list[str]
+    answers: dict[str, list[str]]  # role -> answer per question (one question per image)
+    classified: list[tuple[Path, str, str, float]]  # image, true label, predicted label, probability
+    query: str
+    retrieved: list[tuple[Path, float]]
+    query_image: Path
+
+
+def _first_questions(world: Path, n: int) -> list[tuple[Path, str, str]]:
+    """One question per image for the first ``n`` test images: (image, question, most common answer)."""
+    from collections import Counter
+
+    from vlkit.data.shapes import shapes_paths
+
+    paths = shapes_paths(world, "test")
+    questions = json.loads(paths.vqa_questions.read_text(encoding="utf-8"))["questions"]
+    annotations = json.loads(paths.vqa_annotations.read_text(encoding="utf-8"))["annotations"]
+    answer_of = {a["question_id"]: Counter(x["answer"] for x in a["answers"]).most_common(1)[0][0] for a in annotations}
+    chosen: dict[int, tuple[Path, str, str]] = {}
+    for q in questions:
+        if q["image_id"] in chosen:
+            continue
+        image = paths.image_root / paths.vqa_image_template.format(image_id=q["image_id"], data_subtype="test")
+        chosen[q["image_id"]] = (image, q["question"], answer_of[q["question_id"]])
+        if len(chosen) == n:
+            break
+    return list(chosen.values())
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def showcase(pipelines: dict[str, Any], world: Path, *, n: int = 8) -> Showcase:
+    """Run every task of the pipelines on a few test images of ``world``."""
+    from vlkit.data.shapes import shapes_paths
+
+    paths = shapes_paths(world, "test")
+    picked = _first_questions(world, n)
+    images = [image for image, _, _ in picked]
+    questions = [q for _, q, _ in picked]
+    blip2 = pipelines["blip2"]
+    captions = [_one_line(text) for text in blip2.caption(images)]
+    answers = {role: [_one_line(a) for a in pipe.answer(images, questions)] for role, pipe in pipelines.items()}
+
+    labels = [label for label in paths.labels.read_text(encoding="utf-8").split("\n") if label]
+    present = [label for label in labels if any((paths.classification_root / label).glob("*.png"))]
+    class_images = [
+        (sorted((paths.classification_root / label).glob("*.png"))[0], label)
+        for label in present[:: max(1, len(present) // 4)][:4]
+    ]
+    predictions = blip2.classify([p for p, _ in class_images], labels, hypothesis_template=CLASS_TEMPLATE)
+    classified = [
+        (image, truth, pred[0]["label"], float(pred[0]["score"]))
+        for (image, truth), pred in zip(class_images, predictions)
+    ]
+
+    gallery = sorted(paths.image_root.glob("test/*.png"))[:24] or images
+    captions_file = json.loads(paths.coco_captions.read_text(encoding="utf-8"))
+    by_image = {record["image"]: record["caption"] for record in captions_file}
+    query_image = gallery[min(5, len(gallery) - 1)]
+    query = by_image.get(f"test/{query_image.name}")
+    if isinstance(query, list):
+        query = query[0]
+    query = query or captions[0]
+    found = blip2.retrieve(gallery, [query], k=min(3, len(gallery)))["text_to_image"][0]
+    retrieved = [(gallery[hit["index"]], float(hit["score"])) for hit in found]
+    return Showcase(
+        images, captions, questions, [t for _, _, t in picked], answers, classified, query, retrieved, query_image
+    )
+
+
+def format_showcase(shown: Showcase) -> str:
+    """The showcase as readable tables."""
+    from vlkit.metrics.report import format_table
+
+    roles = list(shown.answers)
+    parts = ["Captions (shapes-blip2):"]
+    parts.append(
+        format_table([[p.name, c] for p, c in zip(shown.images, shown.captions)], headers=["image", "caption"])
+    )
+    parts.append("\nQuestions:")
+    rows = [
+        [p.name, q, t, *(shown.answers[r][i] for r in roles)]
+        for i, (p, q, t) in enumerate(zip(shown.images, shown.questions, shown.truths))
+    ]
+    parts.append(format_table(rows, headers=["image", "question", "truth", *(MODELS[r] for r in roles)]))
+    parts.append(f"\nZero-shot classification (shapes-blip2, template {CLASS_TEMPLATE!r}):")
+    parts.append(
+        format_table(
+            [[p.name, t, y, f"{s:.2f}"] for p, t, y, s in shown.classified],
+            headers=["image", "true class", "predicted", "probability"],
+        )
+    )
+    parts.append(
+        f"\nText -> image retrieval (shapes-blip2), query {shown.query!r} (written for {shown.query_image.name}):"
+    )
+    parts.append(
+        format_table(
+            [[i + 1, p.name, f"{s:.3f}"] for i, (p, s) in enumerate(shown.retrieved)],
+            headers=["rank", "image", "score"],
+        )
+    )
+    return "\n".join(parts)
+
+
+def draw_grid(shown: Showcase, path: Path, *, cell: int = 192, columns: int = 4) -> Path:
+    """A PNG grid of the showcase's test images with the generated caption and each model's answer."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    lines_per_cell = 3 + len(shown.answers)
+    line_height = 12
+    text_height = lines_per_cell * line_height + 6
+    rows = (len(shown.images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(8, cell // 6)
+    for i, image_path in enumerate(shown.images):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_height)
+        with Image.open(image_path) as image:
+            grid.paste(image.convert("RGB").resize((cell - 8, cell - 8), Image.NEAREST), (x + 4, y + 4))
+        text = [
+            shown.captions[i][:chars],
+            f"Q: {shown.questions[i]}"[:chars],
+            f"truth: {shown.truths[i]}"[:chars],
+            *(
+                f"{MODELS[role].removeprefix('shapes-')}: {answers[i]}"[:chars]
+                for role, answers in shown.answers.items()
+            ),
+        ]
+        for j, line in enumerate(text):
+            draw.text((x + 4, y + cell + 2 + j * line_height), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    *,
+    out: Path,
+    models: dict[str, str | os.PathLike] | None = None,
+    test_images: int = DEMO_TEST_IMAGES,
+    device: str = "cpu",
+    baseline: bool = True,
+    extra_columns: dict[str, dict[str, Path]] | None = None,
+    checks: Sequence[Check] = CHECKS,
+    showcase_images: int = 8,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Scores]:
+    """Show the models at work, evaluate them (and random-init copies), print the table, draw the grid.
+
+    Args:
+        out: the demo folder (``shapes/`` world, ``eval/``, ``grid.png``, ``metrics.json``).
+        models: role -> bundled name or folder (default :data:`MODELS`).
+        test_images: size of the test split.
+        device: where the models run.
+        baseline: also evaluate random-init copies of the models.
+        extra_columns: more model sets to evaluate (column name -> role -> folder), e.g. the bundled models
+            beside retrained ones.
+        checks: the table's rows.
+        showcase_images: test images shown (and drawn into the grid).
+        echo: where the text goes.
+
+    Returns:
+        Column name -> scores.
+    """
+    from vlkit.api import load
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    folders = {role: model_folder(name) for role, name in (models or MODELS).items()}
+    world = ensure_world(out / "shapes", test_images=test_images)
+    pipelines = {role: load(folder, device=device) for role, folder in folders.items()}
+    shown = showcase(pipelines, world, n=showcase_images)
+    echo(format_showcase(shown))
+    grid = draw_grid(shown, out / "grid.png")
+    del pipelines
+
+    columns: dict[str, Scores] = {
+        "trained": evaluate_models(folders, world, out=out / "eval" / "trained", device=device, checks=checks)
+    }
+    for name, others in (extra_columns or {}).items():
+        columns[name] = evaluate_models(others, world, out=out / "eval" / name, device=device, checks=checks)
+    if baseline:
+        with tempfile.TemporaryDirectory(prefix="vlkit-demo-random-") as tmp:
+            random = {role: random_init_copy(folder, Path(tmp) / role) for role, folder in folders.items()}
+            columns["random init"] = evaluate_models(
+                random, world, out=out / "eval" / "random-init", device=device, checks=checks
+            )
+    echo(f"\nEvaluation on the shapes test split ({test_images} images, {world}):")
+    echo(format_scores(columns, checks))
+    document = {
+        "models": {role: str(folder) for role, folder in folders.items()},
+        "test_images": test_images,
+        "columns": {name: scores.values for name, scores in columns.items()},
+        "floors": {check.label: check.floor for check in CHECKS},
+    }
+    (out / "metrics.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    echo(f"\nwrote {grid} and {out / 'metrics.json'} ({time.perf_counter() - start:.0f} s)")
+    return columns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrainResult:
+    """What :func:`retrain` made: the model of each role and the wall time of each step."""
+
+    models: dict[str, Path]
+    seconds: dict[str, float]
+
+
+def retrain(
+    out: Path,
+    *,
+    recipes: Path | None = None,
+    quick: bool = False,
+    train_images: int | None = None,
+    extra_overrides: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> RetrainResult:
+    """Run the whole shapes pipeline from scratch into ``out`` (``data/``, ``runs/``).
+
+    Args:
+        out: the pipeline folder.
+        recipes: the shapes recipes (default ``configs/shapes`` of the source checkout).
+        quick: the reduced pipeline (a small world, :data:`QUICK_STEPS` steps per stage): proves the recipes
+            run end to end, not that they learn.
+        train_images: train images of the world (default :data:`TRAIN_IMAGES`, or the quick size).
+        extra_overrides: ``--set`` overrides for every stage.
+        echo: where progress lines go.
+
+    Returns:
+        The exported model folder of each demo role and the wall time of every step.
+    """
+    from vlkit.data.tokenizers import build_shapes_tokenizers
+    from vlkit.training.loop import train
+    from vlkit.training.recipe import load_recipe
+
+    recipes = Path(recipes) if recipes is not None else recipes_dir()
+    missing = [stage.recipe for stage in STAGES if not (recipes / stage.recipe).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{recipes}: missing shapes recipes {', '.join(missing)} (--retrain needs vlkit's configs/shapes; "
+            "run it from a source checkout or pass --recipes DIR)"
+        )
+    out = Path(out)
+    data, runs = out / "data", out / "runs"
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    n_train = train_images or (QUICK_TRAIN_IMAGES if quick else TRAIN_IMAGES)
+    small = 16 if quick else 200
+    ensure_world(data, test_images=small, train_images=n_train)
+    seconds["data"] = time.perf_counter() - t
+    echo(f"[data] shapes world with {n_train} train images at {data} ({seconds['data']:.0f} s)")
+
+    t = time.perf_counter()
+    if not (data / "tokenizers" / "qformer").is_dir():
+        build_shapes_tokenizers(data, data / "tokenizers")
+    seconds["tokenizers"] = time.perf_counter() - t
+    echo(f"[tokenizers] {data / 'tokenizers'} ({seconds['tokenizers']:.0f} s)")
+
+    for stage in STAGES:
+        t = time.perf_counter()
+        overrides = [f"task.data_root={data}", *_models_root(recipes / stage.recipe, runs), *extra_overrides]
+        if quick:
+            overrides += [f"run.max_steps={QUICK_STEPS}", *stage.quick]
+        recipe = load_recipe(recipes / stage.recipe, overrides)
+        echo(f"[{stage.name}] vlkit train {recipes / stage.recipe} --output {runs / stage.name}")
+        train(recipe, output_dir=runs / stage.name)
+        seconds[stage.name] = time.perf_counter() - t
+        echo(f"[{stage.name}] done in {seconds[stage.name]:.0f} s")
+    models = {role: runs / run / "model" for role, run in ROLE_RUNS.items()}
+    for role, folder in models.items():
+        if not (folder / "config.yaml").is_file():
+            raise DataError(f"the pipeline exported no {role} model at {folder}")
+    seconds["total"] = sum(seconds.values())
+    return RetrainResult(models, seconds)
+
+
+def _models_root(recipe: Path, runs: Path) -> list[str]:
+    """``task.models_root=RUNS`` for recipes that start from earlier runs (those that have the key)."""
+    import yaml
+
+    task = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("task") or {}
+    return [f"task.models_root={runs}"] if "models_root" in task else []
+
+
+def install_bundle(models: dict[str, Path], *, assets: Path | None = None) -> dict[str, int]:
+    """Copy the retrained models into the package's bundled-model folder (maintainers: before a release).
+
+    Only the files a model folder is made of travel (config, weights, tokenizers, label files), not the run's
+    checkpoints. Returns the bytes of each installed folder.
+    """
+    from vlkit.api import ASSETS_DIR
+
+    assets = assets or ASSETS_DIR
+    sizes = {}
+    for role, folder in models.items():
+        target = assets / MODELS[role]
+        tmp = assets / f".{MODELS[role]}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(folder, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        sizes[MODELS[role]] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    return sizes
+
+
+def results_markdown(columns: dict[str, Scores], seconds: dict[str, float] | None = None, *, test_images: int) -> str:
+    """The metrics table of ``configs/shapes/README.md`` (written by ``vlkit demo --retrain OUT --install``)."""
+    lines = [
+        f"Metrics on the shapes test split ({test_images} images, seed {WORLD_SEED}), written by "
+        "`vlkit demo --retrain OUT --install`:",
+        "",
+        "| metric | " + " | ".join(columns) + " | floor |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
+    ]
+    for check in CHECKS:
+        cells = []
+        for scores in columns.values():
+            value = scores.values.get(check.label)
+            cells.append("-" if value is None else (f"{value:.3f}" if check.task == "caption" else f"{value:.1f}"))
+        lines.append(f"| {check.label} | " + " | ".join(cells) + f" | {check.floor:g} |")
+    if seconds:
+        lines += ["", "Wall time of the pipeline (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
+    return "\n".join(lines) + "\n"

@@ -6,6 +6,8 @@ Subcommands:
     tokenizers SHAPES_DIR OUT
                   train the shapes tokenizers (Q-Former WordPiece, OPT byte-level BPE, LLaMA-style BPE) and
                   save them as transformers tokenizer folders OUT/qformer, OUT/opt, OUT/llama.
+    shards ANNOTATIONS IMAGES OUT_PATTERN
+                  write a LAVIS caption file's pairs as WebDataset tar shards (OUT_PATTERN has one {}).
 """
 
 from __future__ import annotations
@@ -50,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--qformer-vocab", type=int, default=1000, metavar="N", help="WordPiece vocabulary bound")
     tok.add_argument("--lm-vocab", type=int, default=1000, metavar="N", help="BPE vocabulary bound (OPT and LLaMA)")
     tok.add_argument("--quiet", action="store_true", help="no summary")
+    shards = sub.add_parser(
+        "shards",
+        help="caption pairs as WebDataset tar shards",
+        description="Write the image-caption pairs of LAVIS caption files as WebDataset tar shards "
+        "(KEY.EXT image + KEY.txt caption per sample), e.g. vlkit data shards world/annotations/"
+        "coco_karpathy_train.json world/images out/shapes-{}.tar; train on them with task.train[].shards.",
+    )
+    shards.add_argument("annotations", nargs="+", metavar="ANNOTATIONS", help="LAVIS caption JSON file(s)")
+    shards.add_argument("images", metavar="IMAGES", help="image root of the annotation files")
+    shards.add_argument("out", metavar="OUT_PATTERN", help="shard path with one {} for the shard number")
+    shards.add_argument("--per-shard", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
+    shards.add_argument("--quiet", action="store_true", help="no summary")
     return parser
 
 
@@ -87,4 +101,12 @@ def main(argv: list[str]) -> int:
             for name, folder in folders.items():
                 size = len(AutoTokenizer.from_pretrained(str(folder)))
                 print(f"{name}: {size} tokens -> {folder}")
+    elif args.dataset == "shards":
+        from vlkit.data.webdataset import caption_file_pairs, write_shards
+
+        if len(args.annotations) < 1 or "{}" not in args.out:
+            raise DataError("vlkit data shards: OUT_PATTERN needs one {} for the shard number")
+        written = write_shards(caption_file_pairs(args.annotations, args.images), args.out, per_shard=args.per_shard)
+        if not args.quiet:
+            print(f"wrote {len(written)} shard(s): {written[0]} ... {written[-1]}")
     return 0

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vlkit.data.datasets import CaptionDataset
+from vlkit.data.webdataset import TarCaptionDataset
 from vlkit.errors import CheckpointError, ConfigError
 from vlkit.layers.vit import VisionTransformer
 
@@ -141,7 +142,7 @@ class Pair:
 
 
 class PairDataset(Dataset):
-    """Image-caption pairs from LAVIS caption files, as dict samples.
+    """Image-caption pairs from LAVIS caption files or WebDataset tar shards, as dict samples.
 
     Train-format files (one caption per entry) give one pair per entry; eval-format files (a caption list
     per image) give one pair per caption. ``image_id`` is a dense index over the distinct images of all
@@ -149,7 +150,8 @@ class PairDataset(Dataset):
     frozen-feature cache key).
 
     Args:
-        sources: ``(annotation files, image root, image processor)`` per source; the processor may be None
+        sources: ``(annotation files, image root, image processor)`` per source (files all ending in ``.tar``:
+            WebDataset shards, see :mod:`vlkit.data.webdataset`; the root is unused); the processor may be None
             when samples are served without pixels (``with_images=False``).
         text_processor: caption normaliser (``blip_caption``).
         with_images: load and transform images (False: only text, id and key, for cached features).
@@ -162,11 +164,15 @@ class PairDataset(Dataset):
         *,
         with_images: bool = True,
     ) -> None:
-        self.readers: list[CaptionDataset] = []
+        self.readers: list[CaptionDataset | TarCaptionDataset] = []
         self.pairs: list[Pair] = []
         offset = 0
         for index, (files, root, processor) in enumerate(sources):
-            reader = CaptionDataset(list(files), root, processor)
+            files = list(files)
+            if files and all(Path(f).suffix == ".tar" for f in files):  # WebDataset shards
+                reader: Any = TarCaptionDataset(files, processor)
+            else:
+                reader = CaptionDataset(files, root, processor)
             self.readers.append(reader)
             if reader.is_eval:
                 for image_index, ann in enumerate(reader.annotation):
@@ -180,12 +186,23 @@ class PairDataset(Dataset):
         self.num_images = offset
         self.text_processor = text_processor
         self.with_images = with_images
+        self._by_key: dict[str, Pair] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def key(self, pair: Pair) -> str:
         return str(self.readers[pair.source].image_root / pair.image)
+
+    def decode(self, key: str) -> Any:
+        """The image behind ``key`` as the source's reader gives it (decoded PIL image when built with
+        ``with_images=False``: what the frozen-feature cache encodes)."""
+        if self._by_key is None:
+            self._by_key = {}
+            for pair in self.pairs:
+                self._by_key.setdefault(self.key(pair), pair)
+        pair = self._by_key[key]
+        return self.readers[pair.source].load(pair.image)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from vlkit import losses
+from vlkit.data.webdataset import expand_shards
 from vlkit.errors import ConfigError
 from vlkit.layers.vit import Block as VitBlock
 from vlkit.models.blip2 import Blip2, Blip2Config
@@ -53,23 +54,30 @@ DETERMINISTIC_TRANSFORMS = ("blip_image_eval",)
 
 @dataclass
 class CaptionSource:
-    """One training caption dataset.
+    """One training caption dataset: LAVIS caption files with an image root, or WebDataset tar shards.
 
     Attributes:
         annotations: LAVIS caption JSON files (train format ``{image, caption, image_id}``, or eval format
             with caption lists, which give one pair per caption), relative to ``task.data_root``.
-        images: image root the entries' ``image`` paths are relative to.
+        images: image root the entries' ``image`` paths are relative to (annotation files only).
+        shards: instead of annotation files: WebDataset tar shard patterns (``cc3m/{00000..00331}.tar``,
+            relative to ``task.data_root``), each sample an image with a ``.txt`` (or ``.json`` "caption").
         transform: image pipeline, a name of :data:`vlkit.processors.IMAGE_PROCESSORS`
             (``blip2_image_train`` for COCO, ``blip_image_train`` for VG, ``blip_image_eval`` for none).
     """
 
-    annotations: list[Path]
-    images: Path
+    annotations: list[Path] = field(default_factory=list)
+    images: Path | None = None
+    shards: list[str] = field(default_factory=list)
     transform: str = "blip2_image_train"
 
     def __post_init__(self) -> None:
-        if not self.annotations:
-            raise ConfigError("task.train[].annotations: give at least one annotation file")
+        if bool(self.annotations) == bool(self.shards):
+            raise ConfigError("task.train[]: give annotations (with images) or shards, not both or neither")
+        if self.annotations and self.images is None:
+            raise ConfigError("task.train[].images: annotation files need their image root")
+        if self.shards and self.images is not None:
+            raise ConfigError("task.train[].images: tar shards hold their images; remove images")
         if self.transform not in IMAGE_PROCESSORS:
             raise ConfigError(
                 f"task.train[].transform: unknown {self.transform!r}; choose from {list(IMAGE_PROCESSORS)}"
@@ -414,7 +422,7 @@ def build(cfg: Stage1Config, ctx: TaskContext) -> TaskState:
     text_processor = BlipCaptionProcessor(max_words=cfg.max_words)
     sources = [
         (
-            [resolve_path(a, root) for a in s.annotations],
+            [resolve_path(a, root) for a in s.annotations] + [p for pat in s.shards for p in expand_shards(pat, root)],
             resolve_path(s.images, root),
             make_image_processor(s.transform, size),
         )
@@ -485,7 +493,6 @@ class _CachedPairs(torch.utils.data.Dataset):
 
 
 def _cached_dataset(cfg, ctx, blip2: Blip2, sources, text_processor, info) -> _CachedPairs:
-    from vlkit.data.images import load_image
     from vlkit.training.feature_cache import FeatureCache, fingerprint_module, transform_signature
 
     pairs = PairDataset([(a, r, None) for a, r, _ in sources], text_processor, with_images=False)
@@ -500,7 +507,7 @@ def _cached_dataset(cfg, ctx, blip2: Blip2, sources, text_processor, info) -> _C
     keys = [pairs.key(p) for p in pairs.pairs]
     computed = cache.fill(
         keys,
-        load=lambda key: processor(load_image(key)),
+        load=lambda key: processor(pairs.decode(key)),
         encode=blip2.vision.to(ctx.device),
         device=ctx.device,
         autocast_dtype=autocast,

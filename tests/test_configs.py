@@ -28,6 +28,12 @@ def test_the_reference_and_demo_recipes_exist():
         "shapes/stage1.yaml",
         "shapes/lm_opt.yaml",
         "shapes/lm_llama.yaml",
+        "blip2/pretrain_stage2_opt2.7b.yaml",
+        "blip2/pretrain_stage2_flant5xl.yaml",
+        "blip2/caption_coco_ft.yaml",
+        "blip2/instructblip_vicuna7b.yaml",
+        "shapes/stage2.yaml",
+        "shapes/instruct.yaml",
     }
     assert expected <= names
 

@@ -27,6 +27,10 @@ TASKS: dict[str, TaskEntry] = {
     "toy": TaskEntry("vlkit.tasks.toy", "ToyConfig"),
     "stage1": TaskEntry("vlkit.tasks.stage1", "Stage1Config"),
     "lm_pretrain": TaskEntry("vlkit.tasks.lm_pretrain", "LMPretrainConfig"),
+    "stage2": TaskEntry("vlkit.tasks.stage2", "Stage2Config"),
+    "caption_ft": TaskEntry("vlkit.tasks.stage2", "CaptionFTConfig"),
+    "vqa_ft": TaskEntry("vlkit.tasks.stage2", "VqaFTConfig"),
+    "instruct_tune": TaskEntry("vlkit.tasks.instruct", "InstructConfig"),
 }
 
 

@@ -1,4 +1,4 @@
-"""``vlkit convert SRC OUT``: turn a LAVIS or transformers checkpoint into a vlkit folder.
+"""``vlkit convert SRC OUT``: turn a LAVIS, transformers or unilm VLMo checkpoint into a vlkit folder.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     vlkit convert blip2_pretrained_vitL.pth out/blip2-vitl --vision clip_vit_L.pth --preset blip2-vitl-pretrain
     vlkit convert blip2_finetune_coco.pth out/blip2-coco              # ViT weights are inside
     vlkit convert path/to/hf/blip2-itm-vit-g out/blip2-itm            # transformers folder
+    vlkit convert vlmo_base_patch16_480_vqa.pt out/vlmo-base-vqa       # unilm VLMo (.pt / .ckpt)
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlkit convert", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("src", help="LAVIS .pth checkpoint, transformers BLIP-2 folder, or vlkit folder")
+    p.add_argument(
+        "src", help="LAVIS .pth checkpoint, transformers BLIP-2 folder, unilm VLMo .pt/.ckpt, or vlkit folder"
+    )
     p.add_argument("out", help="output vlkit folder (config.yaml + model.safetensors)")
     p.add_argument("--vision", help="LAVIS: the ViT weights file (eva_vit_g.pth / clip_vit_L.pth)")
     p.add_argument("--preset", help="LAVIS: architecture preset from vlkit.zoo (default: inferred from the file)")

@@ -8,9 +8,10 @@ A vlkit folder holds two files::
                         source: ...          # optional: what it was converted from
     model.safetensors   the state dict, exactly the model's keys
 
-``load_model`` accepts a vlkit folder, a transformers BLIP-2 folder, or a LAVIS ``.pth`` (plus its ViT
-file) and converts on the fly. Models are built on the meta device and the checked tensors assigned, so
-loading a 1B-parameter model does not pay for a random initialisation first.
+``load_model`` accepts a vlkit folder (any ``arch``: BLIP-2, VLMo), a transformers BLIP-2 folder, a LAVIS
+``.pth`` (plus its ViT file) or a microsoft/unilm VLMo ``.pt``/``.ckpt``, and converts on the fly. Models are
+built on the meta device and the checked tensors assigned, so loading a 1B-parameter model does not pay for
+a random initialisation first.
 """
 
 from __future__ import annotations
@@ -170,10 +171,11 @@ def load_model(
     preset: str | None = None,
     drop_lm: bool = False,
 ) -> nn.Module:
-    """Load a model from a vlkit folder, a transformers BLIP-2 folder, or a LAVIS checkpoint.
+    """Load a model from a vlkit folder, a transformers BLIP-2 folder, a LAVIS or a unilm VLMo checkpoint.
 
     Args:
-        path: a vlkit folder (``config.yaml``), a transformers folder (``config.json``) or a LAVIS ``.pth``.
+        path: a vlkit folder (``config.yaml``), a transformers folder (``config.json``), a LAVIS ``.pth`` or
+            a unilm VLMo ``.pt``/``.ckpt`` (recognised by its keys; its architecture is read from the tensors).
         device: target device (default CPU).
         dtype: cast floating-point weights. Default: as stored for a vlkit folder; float32 when
             converting a LAVIS or transformers checkpoint (their files mix fp16 and fp32 tensors, and the
@@ -205,14 +207,46 @@ def load_model(
                 "Blip2 covers the vision encoder and Q-Former: pass drop_lm=True (--drop-lm) to load just those"
             )
         return build_loaded("blip2", ckpt.config, ckpt.state_dict, source=str(p), device=device, dtype=foreign_dtype)
+    unilm_sd = _unilm_state_dict_or_none(p)
+    if unilm_sd is not None:
+        from vlkit.checkpoints import unilm
+
+        _no_extra(vision=vision, preset=preset, kind="a unilm VLMo checkpoint")
+        config = unilm.infer_unilm_config(unilm_sd, source=str(p))
+        converted, _ = unilm.convert_unilm_state_dict(unilm_sd, config, source=str(p))
+        return build_loaded("vlmo", config, converted, source=str(p), device=device, dtype=foreign_dtype)
     if lavis.is_lavis_file(p):
         config, state_dict = lavis.load_lavis(p, vision=vision, preset=preset)
         return build_loaded("blip2", config, state_dict, source=str(p), device=device, dtype=foreign_dtype)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     raise CheckpointError(
-        f"{p}: not a vlkit folder (config.yaml), a transformers folder (config.json) or a LAVIS .pth checkpoint"
+        f"{p}: not a vlkit folder (config.yaml), a transformers folder (config.json), a LAVIS .pth or a unilm "
+        "VLMo .pt/.ckpt checkpoint"
     )
+
+
+UNILM_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
+# Keys every unilm VLMo state dict has (and no BLIP-2 checkpoint does).
+_UNILM_MARKERS = ("transformer.patch_embed.proj.weight", "transformer.blocks.0.mlp_text.fc1.weight")
+
+
+def _unilm_state_dict_or_none(path: Path) -> dict[str, Tensor] | None:
+    """The state dict of a unilm VLMo file, or None for any other file (LAVIS's .pth, ...).
+
+    unilm releases use ``.pt`` like LAVIS, so the keys decide. Files are memory-mapped by the weights-only
+    loader, so looking costs little even for a large LAVIS checkpoint read again afterwards.
+    """
+    if not path.is_file() or path.suffix not in UNILM_SUFFIXES:
+        return None
+    from vlkit.checkpoints import unilm
+
+    try:
+        obj = unilm.read_unilm_file(path)
+        sd = unilm.unilm_state_dict(obj, source=str(path))
+    except CheckpointError:
+        return None
+    return sd if all(key in sd for key in _UNILM_MARKERS) else None
 
 
 def _no_extra(*, vision: Any, preset: Any, kind: str) -> None:

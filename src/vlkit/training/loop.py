@@ -10,6 +10,10 @@ Per optimiser step::
     [unscale, clip], optimiser step, zero grads
     log row; checkpoint every save_every; evaluate every eval_every
 
+At the end of a finished run the final checkpoint is written and, if the task has an ``export`` hook,
+the final model is exported to ``RUN/model/`` (a standalone model folder that later stages and
+``vlkit eval`` load; see :class:`vlkit.training.task.TaskState`).
+
 :func:`train` wraps it with process-group setup and a clean teardown.
 """
 
@@ -20,6 +24,8 @@ import dataclasses
 import gc
 import math
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -58,6 +64,7 @@ from vlkit.training.schedule import LrSchedule
 from vlkit.training.task import TaskContext, TaskState
 
 RECIPE_FILE = "recipe.yaml"
+EXPORT_DIR = "model"  # RUN/model/: the task's exported final model (TaskState.export)
 
 
 class TrainingError(VlkitError):
@@ -76,6 +83,7 @@ class TrainResult:
         best_value: its metric value.
         last_row: the last metrics row (rank 0; empty on other ranks).
         last_eval: the last evaluation result, if any.
+        exported: ``RUN/model`` when the task exported its final model (TaskState.export), else None.
     """
 
     run_dir: Path
@@ -85,6 +93,7 @@ class TrainResult:
     best_value: float | None
     last_row: dict[str, Any]
     last_eval: dict[str, float] | None
+    exported: Path | None = None
 
 
 def train(recipe: Recipe, *, output_dir: str | Path | None = None, resume: str | Path | None = None) -> TrainResult:
@@ -491,6 +500,7 @@ class _Trainer:
                 self.log.info(note)
             self._describe()
             last_row = self._loop()
+            exported = self._export()
         finally:
             self.log.close()
         return TrainResult(
@@ -501,7 +511,34 @@ class _Trainer:
             None if self.best is None else self.best["value"],
             last_row,
             self.last_eval,
+            exported,
         )
+
+    def _export(self) -> Path | None:
+        """Hand the final model to the task's ``export`` hook (rank 0), written atomically to RUN/model."""
+        export = self.state.export
+        if export is None:
+            return None
+        if self.env.mode == "fsdp":  # collective: every rank takes part, rank 0 receives the full tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full = {k: v.detach().cpu() for k, v in self.model.state_dict().items()} if self.env.is_main else {}
+        target = self.run_dir / EXPORT_DIR
+        if self.env.is_main:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=self.run_dir))
+            try:
+                export(self.model, full, tmp)
+                if target.exists():
+                    shutil.rmtree(target)
+                tmp.rename(target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self.log.info(f"exported the final model to {target}")
+        barrier(self.env)
+        return target
 
     def _describe(self) -> None:
         recipe, env = self.recipe, self.env

@@ -62,6 +62,7 @@ class TaskContext:
 
 TrainingStep = Callable[[nn.Module, Any], Mapping[str, Tensor]]
 Evaluate = Callable[[nn.Module], Mapping[str, float]]
+Export = Callable[[nn.Module, Mapping[str, Tensor], Path], None]
 
 
 @dataclass
@@ -92,6 +93,13 @@ class TaskState:
         deterministic_data: the dataset and ``collate_fn`` use no randomness (e.g. cached features, no
             augmentation), so the trainer can skip per-sample RNG seeding (it costs 20-80 us per sample).
         info: free-form facts logged at start (e.g. model preset, number of images).
+        export: optional ``(model, state_dict, folder) -> None``, called once when a run finishes (after
+            the final checkpoint), on rank 0 only, to write the final model as a standalone folder that
+            later stages load (a vlkit folder, a transformers folder, ...). ``state_dict`` is the complete
+            state of the model (frozen parts and buffers included) as unsharded CPU tensors, also under
+            FSDP, where ``model`` itself is sharded: write tensors from ``state_dict``, use ``model`` only
+            for its type and config. ``folder`` is an empty temporary directory that the trainer renames
+            to ``RUN/model`` once the hook returns (an existing ``RUN/model`` is replaced).
     """
 
     model: nn.Module
@@ -108,3 +116,4 @@ class TaskState:
     find_unused_parameters: bool = False
     deterministic_data: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    export: Export | None = None

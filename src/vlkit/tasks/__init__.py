@@ -25,6 +25,9 @@ class TaskEntry(NamedTuple):
 
 TASKS: dict[str, TaskEntry] = {
     "toy": TaskEntry("vlkit.tasks.toy", "ToyConfig"),
+    "vlmo_vqa": TaskEntry("vlkit.tasks.vlmo", "VLMoVQAConfig"),
+    "vlmo_retrieval": TaskEntry("vlkit.tasks.vlmo", "VLMoRetrievalConfig"),
+    "vlmo_nlvr2": TaskEntry("vlkit.tasks.vlmo", "VLMoNLVR2Config"),
 }
 
 

@@ -4,6 +4,7 @@ recipes, and a whole ``vlkit train`` run that exports a model folder."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -319,3 +320,35 @@ def test_vlkit_train_exports_a_loadable_folder(tmp_path):
     state, _, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000002")
     for key, value in state.items():
         torch.testing.assert_close(model.state_dict()[key], value)
+
+
+@pytest.mark.slow
+def test_shapes_recipe_trains_a_vqa_classifier(tmp_path, full):
+    """configs/shapes/vlmo_vqa.yaml end to end: ``vlkit train`` then the test-split evaluation of the exported
+    model. CI runs a few steps on a tiny world; ``--full`` trains on the demo world and needs >= 80 %."""
+    from vlkit.cli import main
+    from vlkit.data.shapes import generate_shapes_world, shapes_paths
+    from vlkit.evaluation.vlmo import evaluate_vlmo
+
+    root = tmp_path / "shapes"
+    if full:
+        generate_shapes_world(root, images=200, train_images=2000, size=64)
+    else:
+        generate_shapes_world(root, images=3, size=64)
+    overrides = [f"task.data_root={root}", "task.tokenizer=train", "run.progress=false"]
+    if not full:
+        overrides += ["run.max_steps=2", "run.batch_size=4", "run.eval_every=end"]
+    run = tmp_path / "run"
+    assert (
+        main(["train", str(REPO / "configs" / "shapes" / "vlmo_vqa.yaml"), "--output", str(run), "--set", *overrides])
+        == 0
+    )
+    test = shapes_paths(root, "test")
+    data = {"questions": [str(test.vqa_questions)], "annotations": [str(test.vqa_annotations)],
+            "image_root": str(test.image_root), "image_template": test.vqa_image_template}  # fmt: skip
+    out = evaluate_vlmo("vqa", run / "model", data, output_dir=tmp_path / "eval", progress=False)
+    questions = json.loads(test.vqa_questions.read_text())["questions"]
+    predictions = json.loads(Path(out["predictions_file"]).read_text())
+    assert [p["question_id"] for p in predictions] == [q["question_id"] for q in questions]
+    if full:
+        assert out["vqa_accuracy"] >= 80.0, out

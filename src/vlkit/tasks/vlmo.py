@@ -87,16 +87,23 @@ class VLMoModelSpec:
         config: ``VLMoConfig`` fields to set (``image_size``, ``drop_path_rate``, ``max_text_len``, sizes of a
             from-scratch model...). ``heads``, ``vqa_num_labels`` and, from scratch, ``vocab_size`` follow
             the task and its tokenizer.
+        init_std: from scratch only: the std of the initial linear weights of the blocks, the pooler and the
+            heads (None: the reference's 0.02). 0.02 suits the reference's width (768); a narrow model's
+            attention logits then start near zero and it learns to attend to the image slowly, so a tiny model
+            trained from scratch learns much faster with a larger value (about 0.02 * sqrt(768 / hidden)).
     """
 
     preset: str = "base"
     checkpoint: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("heads", "vqa_num_labels"):
             if key in self.config:
                 raise ConfigError(f"model.config.{key} is set by the task, not the recipe")
+        if self.init_std is not None and (self.checkpoint is not None or self.init_std <= 0):
+            raise ConfigError("model.init_std must be positive and applies to models from scratch only")
 
 
 @dataclass
@@ -353,12 +360,29 @@ def build_model(
     if spec.checkpoint is None:
         if vocab_size is not None:
             overrides.setdefault("vocab_size", vocab_size)
-        return VLMo(VLMoConfig.preset(spec.preset, **overrides)).train()
+        model = VLMo(VLMoConfig.preset(spec.preset, **overrides))
+        if spec.init_std is not None:
+            reinit_linears(model, spec.init_std)
+        return model.train()
     sd, fields = _read_source(spec.checkpoint)
     file_heads = set(fields["heads"])
     model = VLMo(from_dict(VLMoConfig, {**fields, **overrides}, path="model.config"))
     unilm.load_unilm(model, sd, init_heads=set(heads) - file_heads, drop_heads=file_heads - set(heads))
     return model.train()
+
+
+@torch.no_grad()
+def reinit_linears(model: VLMo, std: float) -> None:
+    """Draw the linear weights of the blocks (truncated normal, as the reference) and of the pooler and heads
+    (normal) with ``std`` instead of 0.02; biases, norms, embeddings and the patch projection keep the
+    reference initialisation. See :attr:`VLMoModelSpec.init_std`."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.startswith("blocks."):
+            nn.init.trunc_normal_(module.weight, std=std)  # bounds +-2 (absolute), as the reference
+        else:
+            nn.init.normal_(module.weight, std=std)
 
 
 def build_tokenizer(spec: str, *, texts: Callable[[], list[str]], out_dir: Path, size: int) -> Path:

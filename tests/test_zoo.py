@@ -98,7 +98,7 @@ def test_vitl_parameter_count_matches_transformers_clip():
     assert ours.qformer.layers[0].cross_attn.key.in_features == 1024
 
 
-@pytest.mark.parametrize("name", list(zoo.MODELS))
+@pytest.mark.parametrize("name", [n for n, spec in zoo.MODELS.items() if spec.config().lm is None])
 def test_tiny_version_forward_backward_round_trip(name, tmp_path):
     spec = zoo.get_spec(name)
     config = zoo.shrink(spec.config())

@@ -27,6 +27,15 @@ COMMANDS: dict[str, Command] = {
     "convert": Command("vlkit.checkpoints.convert", "convert a LAVIS or transformers checkpoint into a vlkit folder"),
     "train": Command("vlkit.training.cli", "train from a YAML recipe (single process or torchrun DDP/FSDP)"),
     "plot": Command("vlkit.training.plot", "draw a run's loss / lr / eval curves to a PNG"),
+    "eval": Command("vlkit.evaluation.cli", "evaluate a model: caption, vqa, retrieval, classification metrics"),
+    "models": Command("vlkit.commands.models", "list the model names (bundled and real-size presets)"),
+    "caption": Command("vlkit.commands.caption", "caption images"),
+    "vqa": Command("vlkit.commands.vqa", "answer questions about images"),
+    "instruct": Command("vlkit.commands.instruct", "follow an instruction about images (InstructBLIP)"),
+    "classify": Command("vlkit.commands.classify", "zero-shot classification among given labels"),
+    "retrieve": Command("vlkit.commands.retrieve", "image-text retrieval over a folder of images and texts"),
+    "embed": Command("vlkit.commands.embed", "image and text embeddings"),
+    "serve": Command("vlkit.commands.serve", "HTTP server with dynamic batching and a web page"),
 }
 
 

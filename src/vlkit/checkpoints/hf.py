@@ -1,8 +1,11 @@
-"""transformers BLIP-2 checkpoints <-> vlkit ``Blip2``, both directions.
+"""transformers BLIP-2 / InstructBLIP checkpoints <-> vlkit ``Blip2`` / ``InstructBlip``.
 
-Covers ``Blip2ForImageTextRetrieval`` (the stage-1 "itm" models: ViT, Q-Former with text input, ITC/ITM
-heads) and the vision + Q-Former part of ``Blip2Model`` / ``Blip2ForConditionalGeneration``; their
-``language_projection.*`` / ``language_model.*`` tensors are handed back untouched for the LLM bridge.
+Import covers ``Blip2ForImageTextRetrieval`` (the stage-1 "itm" models: ViT, Q-Former with text input,
+ITC/ITM heads), ``Blip2Model`` / ``Blip2ForConditionalGeneration`` (stage 2: ViT, queries-only Q-Former,
+``language_projection`` and the LLM) and ``InstructBlipForConditionalGeneration`` (Q-Former with text input,
+LLM). The LLM keeps transformers' own parameter names: ``language_model.<name>`` becomes ``llm.<name>``
+(our ``Blip2.llm`` *is* the transformers model), so the built LLM itself checks those keys. Export writes
+``Blip2ForImageTextRetrieval`` folders (stage 1).
 
 Key maps are literal (``{i}``/``{n}`` = layer index); tensors that need more than a rename go through the
 named fixups below. Known differences between the transformers and LAVIS layouts, all accounted for:
@@ -22,6 +25,7 @@ named fixups below. Known differences between the transformers and LAVIS layouts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -36,12 +40,16 @@ from vlkit.checkpoints.io import read_checkpoint, save_safetensors
 from vlkit.checkpoints.keymap import KeyMap, map_keys
 from vlkit.errors import CheckpointError, ConfigError
 from vlkit.layers.vit import VisionConfig
-from vlkit.models.blip2 import Blip2, Blip2Config
+from vlkit.models.blip2 import Blip2, Blip2Config, LanguageModelConfig
+from vlkit.models.instructblip import InstructBlipConfig
 from vlkit.models.qformer import QFormerConfig
 
 RETRIEVAL = "Blip2ForImageTextRetrieval"
-ARCHITECTURES = (RETRIEVAL, "Blip2Model", "Blip2ForConditionalGeneration")
+CONDITIONAL = "Blip2ForConditionalGeneration"
+INSTRUCT = "InstructBlipForConditionalGeneration"
+ARCHITECTURES = (RETRIEVAL, "Blip2Model", CONDITIONAL, INSTRUCT)
 LM_PREFIXES = ("language_projection.", "language_model.")
+LLM_PREFIX = "language_model."  # everything under it is the transformers LLM's own state dict -> "llm."
 INITIAL_TEMP = 0.07
 
 
@@ -97,6 +105,16 @@ HEAD_KEYS: dict[str, str | None] = {
     **_linear("text_projection", "text_proj"),
     **_linear("itm_head", "itm_head"),
 }
+
+# InstructBLIP keeps the Q-Former's embeddings inside the Q-Former (BLIP-2's ITM model has them top-level).
+INSTRUCT_QFORMER_KEYS: dict[str, str | None] = {
+    **{k: v for k, v in QFORMER_KEYS.items() if not k.startswith(("embeddings.", "qformer.layernorm."))},
+    "qformer.embeddings.word_embeddings.weight": "qformer.word_embed.weight",
+    "qformer.embeddings.position_embeddings.weight": "qformer.pos_embed.weight",
+    "qformer.embeddings.position_ids": None,  # non-persistent in transformers; older files saved it
+    **_linear("qformer.embeddings.layernorm", "qformer.embed_norm"),
+}
+PROJECTION_KEYS: dict[str, str | None] = _linear("language_projection", "language_projection")
 
 FROM_HF: KeyMap = {**VISION_KEYS, **QFORMER_KEYS, **HEAD_KEYS}
 
@@ -155,28 +173,39 @@ def _square(value: Any, name: str) -> int:
     return int(value)
 
 
-def config_from_hf(hf_config: Mapping[str, Any], architecture: str) -> Blip2Config:
-    """Our ``Blip2Config`` for a transformers BLIP-2 ``config.json`` (defaults filled by transformers).
+def config_from_hf(hf_config: Mapping[str, Any], architecture: str, *, tokenizer: Any = None) -> Blip2Config:
+    """Our config for a transformers BLIP-2 / InstructBLIP ``config.json`` (defaults filled by transformers).
 
     Args:
         hf_config: the parsed ``config.json``.
         architecture: one of ``ARCHITECTURES``.
+        tokenizer: the LLM's tokenizer, if the folder has one: its bos/eos framing is probed.
+
+    Returns:
+        A ``Blip2Config`` (with ``lm`` for ``Blip2ForConditionalGeneration``), or an ``InstructBlipConfig``.
 
     Raises:
         ConfigError: for a model type or setting vlkit cannot represent exactly.
     """
     from transformers import Blip2Config as HFBlip2Config  # heavy import, only when converting
+    from transformers import InstructBlipConfig as HFInstructBlipConfig
 
-    if hf_config.get("model_type") != "blip-2":
-        raise ConfigError(f"not a transformers BLIP-2 config (model_type={hf_config.get('model_type')!r})")
     if architecture not in ARCHITECTURES:
         raise ConfigError(
             f"unsupported transformers architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
         )
-    cfg = HFBlip2Config.from_dict(dict(hf_config))
+    expected = "instructblip" if architecture == INSTRUCT else "blip-2"
+    if hf_config.get("model_type") != expected:
+        raise ConfigError(
+            f"{architecture} needs a transformers config with model_type {expected!r}, "
+            f"got {hf_config.get('model_type')!r}"
+        )
+    config_cls = HFInstructBlipConfig if architecture == INSTRUCT else HFBlip2Config
+    cfg = config_cls.from_dict(dict(hf_config))
     v, q = cfg.vision_config, cfg.qformer_config
     retrieval = architecture == RETRIEVAL
-    if bool(q.use_qformer_text_input) != retrieval:
+    text_input = retrieval or architecture == INSTRUCT
+    if architecture != INSTRUCT and bool(q.use_qformer_text_input) != retrieval:
         raise ConfigError(
             f"{architecture} with qformer_config.use_qformer_text_input={q.use_qformer_text_input} is not supported "
             "(vlkit's Q-Former has text embeddings exactly when it has text feed-forward blocks)"
@@ -211,17 +240,58 @@ def config_from_hf(hf_config: Mapping[str, Any], architecture: str) -> Blip2Conf
         hidden_dropout=float(q.hidden_dropout_prob),
         attention_dropout=float(q.attention_probs_dropout_prob),
         pad_token_id=q.pad_token_id,
-        text_input=retrieval,
+        text_input=text_input,
         lm_head=False,
     )
-    return Blip2Config(
+    common = dict(
         vision=vision,
         qformer=qformer,
         num_query_tokens=cfg.num_query_tokens,
-        embed_dim=cfg.image_text_hidden_size,
         ln_vision_eps=float(v.layer_norm_eps),
-        itc_itm_heads=retrieval,
     )
+    if architecture == INSTRUCT:
+        return InstructBlipConfig(
+            **common, lm=lm_config_from_hf(cfg.text_config, instruction=True, tokenizer=tokenizer)
+        )
+    return Blip2Config(
+        **common,
+        embed_dim=cfg.image_text_hidden_size,
+        itc_itm_heads=retrieval,
+        lm=lm_config_from_hf(cfg.text_config, instruction=False, tokenizer=tokenizer)
+        if architecture == CONDITIONAL
+        else None,
+    )
+
+
+# Keys of a transformers config dict that describe the saving library, not the model.
+_HF_CONFIG_NOISE = (
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+)
+
+
+def lm_config_from_hf(text_config: Any, *, instruction: bool, tokenizer: Any = None) -> LanguageModelConfig:
+    """``LanguageModelConfig`` for a transformers LLM config (a ``PretrainedConfig`` or its dict).
+
+    The activation is taken as the config says (transformers' BLIP-2 FlanT5 folders already have exact GELU);
+    text conventions are the reference's for the LLM family, with bos/eos framing probed from ``tokenizer``
+    when one is given.
+    """
+    from vlkit import prompting
+
+    data = text_config if isinstance(text_config, dict) else text_config.to_dict()
+    data = {k: v for k, v in data.items() if k not in _HF_CONFIG_NOISE}
+    encoder_decoder = bool(data.get("is_encoder_decoder", False))
+    kind = "seq2seq" if encoder_decoder else "causal"
+    exact = data.get("dense_act_fn") == "gelu" or not LanguageModelConfig.is_t5_gelu(data)
+    conventions = prompting.family_conventions(data, instruction=instruction, tokenizer=tokenizer)
+    return LanguageModelConfig(kind=kind, hf_config=data, exact_gelu=exact, **conventions)
 
 
 def config_to_hf(config: Blip2Config, *, allow_eps_change: bool = False) -> dict[str, Any]:
@@ -282,21 +352,41 @@ def config_to_hf(config: Blip2Config, *, allow_eps_change: bool = False) -> dict
 
 # State dicts. --------------------------------------------------------------------------------------------
 def from_hf_state_dict(
-    state_dict: Mapping[str, Tensor], config: Blip2Config, *, source: str = "transformers checkpoint"
+    state_dict: Mapping[str, Tensor],
+    config: Blip2Config,
+    *,
+    source: str = "transformers checkpoint",
+    architecture: str | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Convert a transformers BLIP-2 state dict to vlkit names.
+    """Convert a transformers BLIP-2 / InstructBLIP state dict to vlkit names.
+
+    Args:
+        state_dict: the checkpoint's tensors.
+        config: the architecture (``config_from_hf``).
+        source: name for error messages.
+        architecture: the transformers class name (default: inferred from ``config``).
 
     Returns:
-        (our state dict, the untouched LLM-bridge tensors: ``language_projection.*``/``language_model.*``)
+        (our state dict, the LLM-bridge tensors left unconverted). With ``config.lm`` set the bridge is
+        converted too (``language_projection.*`` kept, ``language_model.*`` -> ``llm.*``) and the second
+        dict is empty; without it they are handed back untouched (``drop_lm``).
 
     Raises:
         CheckpointError: for any key no rule accounts for.
     """
     core, lm = split_language_model(state_dict)
-    ours = map_keys(core, FROM_HF, source=source)
+    instruct = architecture == INSTRUCT or (architecture is None and config.instruction_aware)
+    key_map = {**VISION_KEYS, **(INSTRUCT_QFORMER_KEYS if instruct else QFORMER_KEYS), **HEAD_KEYS}
+    ours = map_keys(core, key_map, source=source)
     split_qkv_bias(ours, config.vision, source=source)
     if config.itc_itm_heads and "temp" not in ours:
         ours["temp"] = torch.tensor(INITIAL_TEMP)
+    if config.lm is not None:
+        ours.update(
+            map_keys({k: v for k, v in lm.items() if not k.startswith(LLM_PREFIX)}, PROJECTION_KEYS, source=source)
+        )
+        ours.update({"llm." + k[len(LLM_PREFIX) :]: v for k, v in lm.items() if k.startswith(LLM_PREFIX)})
+        lm = {}
     return ours, lm
 
 
@@ -358,13 +448,20 @@ def _architecture(hf_config: Mapping[str, Any], keys: set[str], source: str) -> 
             return name
     if listed:
         raise CheckpointError(f"{source}: unsupported architecture {listed}; supported: {', '.join(ARCHITECTURES)}")
+    if hf_config.get("model_type") == "instructblip":
+        return INSTRUCT
     if "itm_head.weight" in keys:
         return RETRIEVAL
     return "Blip2ForConditionalGeneration" if any(k.startswith(LM_PREFIXES) for k in keys) else "Blip2Model"
 
 
-def load_hf_folder(path: str | os.PathLike) -> HFCheckpoint:
-    """Read and convert a transformers BLIP-2 folder (``config.json`` + weights)."""
+def load_hf_folder(path: str | os.PathLike, *, drop_lm: bool = False) -> HFCheckpoint:
+    """Read and convert a transformers BLIP-2 / InstructBLIP folder (``config.json`` + weights).
+
+    Args:
+        path: the folder.
+        drop_lm: convert only the vision encoder and Q-Former (the LLM-bridge tensors are returned apart).
+    """
     path = Path(path)
     config_file = path / "config.json"
     try:
@@ -375,9 +472,25 @@ def load_hf_folder(path: str | os.PathLike) -> HFCheckpoint:
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from err
     weights = read_hf_weights(path)
     architecture = _architecture(hf_config, set(weights), str(path))
-    config = config_from_hf(hf_config, architecture)
-    ours, lm = from_hf_state_dict(weights, config, source=str(path))
+    tokenizer = None if drop_lm else load_llm_tokenizer(path)
+    config = config_from_hf(hf_config, architecture, tokenizer=tokenizer)
+    if config.lm is not None and drop_lm:
+        config = dataclasses.replace(config, lm=None)
+    ours, lm = from_hf_state_dict(weights, config, source=str(path), architecture=architecture)
     return HFCheckpoint(architecture, config, ours, lm, hf_config)
+
+
+def load_llm_tokenizer(path: str | os.PathLike) -> Any:
+    """The LLM tokenizer saved in a transformers folder (``AutoTokenizer``, local files only), or None."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # transformers raises many kinds; report which folder failed
+        raise CheckpointError(f"{path}: cannot load the LLM tokenizer ({type(err).__name__}: {err})") from err
 
 
 def save_hf_folder(model: Blip2, path: str | os.PathLike, *, allow_eps_change: bool = False) -> Path:

@@ -25,6 +25,8 @@ class TaskEntry(NamedTuple):
 
 TASKS: dict[str, TaskEntry] = {
     "toy": TaskEntry("vlkit.tasks.toy", "ToyConfig"),
+    "stage1": TaskEntry("vlkit.tasks.stage1", "Stage1Config"),
+    "lm_pretrain": TaskEntry("vlkit.tasks.lm_pretrain", "LMPretrainConfig"),
     "vlmo_vqa": TaskEntry("vlkit.tasks.vlmo", "VLMoVQAConfig"),
     "vlmo_retrieval": TaskEntry("vlkit.tasks.vlmo", "VLMoRetrievalConfig"),
     "vlmo_nlvr2": TaskEntry("vlkit.tasks.vlmo", "VLMoNLVR2Config"),

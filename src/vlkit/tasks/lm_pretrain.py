@@ -1,0 +1,372 @@
+"""Task ``lm_pretrain``: pretrain a tiny causal language model from scratch on caption / QA / instruction text.
+
+BLIP-2 stage 2 and InstructBLIP bridge the Q-Former to a *frozen, pretrained* LLM. The shapes demo cannot
+download OPT or Vicuna, so it pretrains small ones of the same architectures with this task: a
+transformers ``OPTForCausalLM`` (BLIP-2 stage 2) or ``LlamaForCausalLM`` (the InstructBLIP-Vicuna path),
+built with ``AutoModelForCausalLM.from_config`` at the sizes of the recipe, trained with next-token
+cross-entropy on text formatted the way the vision-language stages will later feed it:
+
+* captions (``blip_caption``-normalised) followed by ``end`` (OPT: ``"\\n"``, BLIP-2's end of caption);
+* VQA lines ``"Question: {question} Short answer: {answer}"`` + ``end`` (the zero-shot VQA prompt);
+* instruction/response pairs ``"{instruction} {response}"`` + ``end`` (LLaMA path: ``"</s>"``).
+
+The tokenizer prepends its BOS (OPT: ``</s>``; LLaMA: ``<s>``, or ``bos_token`` to train with the BOS that
+InstructBLIP-Vicuna feeds, ``</s>``). Evaluation is validation perplexity (best checkpoint by ``val_ppl``).
+At the end the final model is exported to ``RUN/model`` as a standard transformers folder
+(``save_pretrained`` + the tokenizer) that stage 2 loads as its frozen LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from vlkit import losses
+from vlkit.data.datasets import read_json
+from vlkit.errors import ConfigError, DataError
+from vlkit.processors import blip_caption, blip_question
+from vlkit.tasks.common import resolve_path
+from vlkit.training.task import TaskContext, TaskState
+
+
+@dataclass
+class LMArchitecture:
+    """Size of the language model (mapped onto ``OPTConfig`` or ``LlamaConfig``).
+
+    Attributes:
+        hidden_size: model width.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (LLaMA grouped-query attention; None = ``num_heads``).
+        ffn_dim: feed-forward width (OPT ``ffn_dim``, LLaMA ``intermediate_size``).
+        max_positions: longest sequence, including the visual soft prompt of the later stages.
+        dropout: residual/FFN dropout (OPT ``dropout``; LLaMA has none).
+        attention_dropout: attention-probability dropout.
+        tie_word_embeddings: tie the output layer to the input embeddings (OPT: yes, LLaMA: no by default).
+    """
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    ffn_dim: int = 1024
+    max_positions: int = 256
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"task.architecture.{key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("task.architecture.hidden_size must be divisible by num_heads")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ConfigError("task.architecture.num_heads must be divisible by num_kv_heads")
+
+
+@dataclass
+class VqaFiles:
+    """A VQAv2 questions file and its annotations file."""
+
+    questions: Path
+    annotations: Path
+
+
+@dataclass
+class TextData:
+    """Where the text comes from (paths relative to ``task.data_root``).
+
+    Attributes:
+        captions: LAVIS caption JSON files (train format, or eval format with caption lists).
+        vqa: VQAv2 question/annotation pairs; the answer is each question's ``multiple_choice_answer``.
+        instructions: instruction JSONL files ``{image, instruction, response}``.
+    """
+
+    captions: list[Path] = field(default_factory=list)
+    vqa: list[VqaFiles] = field(default_factory=list)
+    instructions: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class LMPretrainConfig:
+    """Options of the ``lm_pretrain`` task.
+
+    Attributes:
+        arch: ``opt`` (BLIP-2 stage 2) or ``llama`` (InstructBLIP-Vicuna path).
+        architecture: model size.
+        tokenizer: a transformers tokenizer folder (``vlkit data tokenizers`` writes ``opt/`` and ``llama/``).
+        data_root: base of relative paths (tokenizer and data).
+        train: training text; val: validation text (perplexity), or None.
+        caption_template, vqa_template, instruction_template: how each kind of text is written.
+        end: appended to every text (OPT: ``"\\n"``, the eos BLIP-2 generates until; LLaMA: ``"</s>"``).
+        bos_token: replace the tokenizer's BOS at position 0 by this token (InstructBLIP-Vicuna feeds
+            ``"</s>"``); None keeps the tokenizer's.
+        max_len: tokens per text including BOS (longer texts are truncated on the right).
+        val_batch_size: texts per evaluation batch.
+    """
+
+    arch: Literal["opt", "llama"] = "opt"
+    architecture: LMArchitecture = field(default_factory=LMArchitecture)
+    tokenizer: Path | None = None
+    data_root: Path | None = None
+    train: TextData = field(default_factory=TextData)
+    val: TextData | None = None
+    caption_template: str = "{caption}"
+    vqa_template: str = "Question: {question} Short answer: {answer}"
+    instruction_template: str = "{instruction} {response}"
+    end: str = "\n"
+    bos_token: str | None = None
+    max_len: int = 64
+    val_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is None:
+            raise ConfigError("task.tokenizer: give a tokenizer folder (e.g. from `vlkit data tokenizers`)")
+        if not (self.train.captions or self.train.vqa or self.train.instructions):
+            raise ConfigError("task.train: give captions, vqa or instructions files")
+        if self.max_len < 2:
+            raise ConfigError(f"task.max_len must be >= 2, got {self.max_len}")
+        for name, keys in (
+            ("caption_template", ("caption",)),
+            ("vqa_template", ("question", "answer")),
+            ("instruction_template", ("instruction", "response")),
+        ):
+            template = getattr(self, name)
+            try:
+                template.format(**{k: "x" for k in keys})
+            except (KeyError, IndexError, ValueError) as err:
+                raise ConfigError(f"task.{name}: {template!r} must use only {{{'}, {'.join(keys)}}} ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_texts(data: TextData, cfg: LMPretrainConfig) -> list[str]:
+    """Every training string of ``data``, formatted with the templates and ``end`` appended."""
+    root = cfg.data_root
+    out: list[str] = []
+    for path in data.captions:
+        for index, entry in enumerate(_json_list(resolve_path(path, root))):
+            caption = entry.get("caption") if isinstance(entry, dict) else None
+            captions = [caption] if isinstance(caption, str) else caption
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise DataError(f"{path}: entry {index} has no caption string or list")
+            out += [cfg.caption_template.format(caption=blip_caption(c)) for c in captions]
+    for pair in data.vqa:
+        q_path, a_path = resolve_path(pair.questions, root), resolve_path(pair.annotations, root)
+        questions = {q["question_id"]: q["question"] for q in _field_list(q_path, "questions")}
+        for ann in _field_list(a_path, "annotations"):
+            qid = ann.get("question_id")
+            if qid not in questions or not isinstance(ann.get("multiple_choice_answer"), str):
+                raise DataError(f"{a_path}: annotation of question {qid!r} has no question or answer")
+            question = blip_question(questions[qid])
+            out.append(cfg.vqa_template.format(question=question, answer=ann["multiple_choice_answer"]))
+    for path in data.instructions:
+        path = resolve_path(path, root)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                instruction, response = record["instruction"], record["response"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"{path}: line {number}: not an instruction record ({err})") from None
+            out.append(
+                cfg.instruction_template.format(instruction=blip_question(instruction), response=blip_caption(response))
+            )
+    if not out:
+        raise DataError("lm_pretrain: the text files hold no text")
+    return [text + cfg.end for text in out]
+
+
+def _json_list(path: Path) -> list[Any]:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of caption entries")
+    return data
+
+
+def _field_list(path: Path, key: str) -> list[dict[str, Any]]:
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(f"{path}: expected an object with a {key!r} list")
+    return data[key]
+
+
+class TextDataset(Dataset):
+    """A list of strings (one training sequence each)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
+
+
+class LMBatcher:
+    """Tokenise strings into a right-padded batch: ``input_ids``, ``attention_mask`` and ``targets``.
+
+    Targets are the ids with padding -> -100 (taken from the mask, so a pad id that is also a real token,
+    such as LLaMA's eos used as filler, is never confused with padding); position 0 (BOS) is never a
+    target because the loss is shifted.
+    """
+
+    def __init__(self, tokenizer: Any, max_len: int, bos_token: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.bos_id = None
+        if bos_token is not None:
+            ids = tokenizer.convert_tokens_to_ids([bos_token])
+            if tokenizer.bos_token_id is None or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+                raise ConfigError(f"task.bos_token {bos_token!r}: not a token of the tokenizer, or it adds no BOS")
+            self.bos_id = ids[0]
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_len, add_special_tokens=True)
+        rows = encoded["input_ids"]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        if self.bos_id is not None:
+            if not bool((ids[:, 0] == self.tokenizer.bos_token_id).all()):
+                raise DataError("task.bos_token: the tokenizer did not put its BOS at position 0")
+            ids[:, 0] = self.bos_id
+        targets = ids.masked_fill(mask == 0, losses.IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_lm(cfg: LMPretrainConfig, tokenizer: Any) -> nn.Module:
+    """A randomly initialised ``OPTForCausalLM`` / ``LlamaForCausalLM`` sized by ``cfg.architecture``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    a = cfg.architecture
+    vocab = len(tokenizer)
+    if cfg.arch == "opt":
+        config = OPTConfig(
+            vocab_size=vocab,
+            hidden_size=a.hidden_size,
+            word_embed_proj_dim=a.hidden_size,
+            num_hidden_layers=a.num_layers,
+            num_attention_heads=a.num_heads,
+            ffn_dim=a.ffn_dim,
+            max_position_embeddings=a.max_positions,
+            dropout=a.dropout,
+            attention_dropout=a.attention_dropout,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True if a.tie_word_embeddings is None else a.tie_word_embeddings,
+        )
+    else:
+        if a.dropout:
+            raise ConfigError("task.architecture.dropout: LLaMA has no residual dropout; set it to 0")
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=a.hidden_size,
+            intermediate_size=a.ffn_dim,
+            num_hidden_layers=a.num_layers,
+            num_attention_heads=a.num_heads,
+            num_key_value_heads=a.num_kv_heads or a.num_heads,
+            max_position_embeddings=a.max_positions,
+            attention_dropout=a.attention_dropout,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False if a.tie_word_embeddings is None else a.tie_word_embeddings,
+        )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise ConfigError(f"task.tokenizer: {path} is not a tokenizer folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # transformers raises many kinds
+        raise ConfigError(f"task.tokenizer: cannot load {path} ({type(err).__name__}: {err})") from err
+
+
+def build(cfg: LMPretrainConfig, ctx: TaskContext) -> TaskState:
+    """Build the ``lm_pretrain`` task (see :mod:`vlkit.training.task` for the contract)."""
+    tokenizer = load_tokenizer(resolve_path(cfg.tokenizer, cfg.data_root))
+    if tokenizer.bos_token_id is None:
+        raise ConfigError("task.tokenizer: the tokenizer has no BOS token")
+    model = build_lm(cfg, tokenizer)
+    texts = read_texts(cfg.train, cfg)
+    batcher = LMBatcher(tokenizer, cfg.max_len, cfg.bos_token)
+    info = {
+        "tokenizer": f"{resolve_path(cfg.tokenizer, cfg.data_root)} ({len(tokenizer)} tokens)",
+        "model": f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters",
+        "training texts": f"{len(texts)}, e.g. {texts[0]!r}",
+    }
+
+    def training_step(net: nn.Module, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        return {"loss": losses.causal_lm_loss(logits, batch["targets"])}
+
+    evaluate = None
+    if cfg.val is not None:
+        val_texts = read_texts(cfg.val, cfg)
+        info["validation texts"] = str(len(val_texts))
+
+        def evaluate(net: nn.Module) -> dict[str, float]:
+            total, count = 0.0, 0
+            for start in range(0, len(val_texts), cfg.val_batch_size):
+                batch = batcher(val_texts[start : start + cfg.val_batch_size])
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                n = int((batch["targets"][:, 1:] != losses.IGNORE_INDEX).sum())
+                total += float(losses.causal_lm_loss(logits, batch["targets"])) * n
+                count += n
+            loss = total / max(count, 1)
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def export(net: nn.Module, state_dict: Mapping[str, Tensor], folder: Path) -> None:
+        from vlkit.data.tokenizers import save_tokenizer
+
+        net.save_pretrained(str(folder), state_dict=dict(state_dict))
+        save_tokenizer(tokenizer, folder)
+
+    return TaskState(
+        model=model,
+        train_dataset=TextDataset(texts),
+        training_step=training_step,
+        collate_fn=batcher,
+        evaluate=evaluate,
+        best_metric="val_ppl" if evaluate is not None else None,
+        best_mode="min",
+        fsdp_units=_layer_classes(model),
+        deterministic_data=True,
+        info=info,
+        export=export,
+    )

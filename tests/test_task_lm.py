@@ -1,0 +1,183 @@
+"""Task ``lm_pretrain``: tiny OPT / LLaMA causal LMs from scratch on shapes text, exported as transformers folders."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vlkit.data import generate_shapes_world
+from vlkit.data.tokenizers import build_shapes_tokenizers
+from vlkit.errors import ConfigError
+from vlkit.tasks import lm_pretrain
+from vlkit.training.logging import read_jsonl
+from vlkit.training.loop import train
+from vlkit.training.recipe import recipe_from_dict
+from vlkit.training.task import TaskContext
+
+ARCH = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64, "max_positions": 64, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lm") / "shapes"
+    generate_shapes_world(root, images=6, size=32, seed=5)
+    build_shapes_tokenizers(root, root / "tokenizers", lm_vocab=400)
+    return root
+
+
+def task_data(world: Path, arch: str = "opt", **task) -> dict:
+    data = {
+        "name": "lm_pretrain",
+        "arch": arch,
+        "architecture": dict(ARCH),
+        "tokenizer": f"tokenizers/{arch}",
+        "data_root": str(world),
+        "train": {
+            "captions": ["annotations/coco_karpathy_train.json"],
+            "vqa": [
+                {
+                    "questions": "vqa/v2_OpenEnded_shapes_train_questions.json",
+                    "annotations": "vqa/v2_shapes_train_annotations.json",
+                }
+            ],
+            "instructions": ["instruct/instruct_train.jsonl"],
+        },
+        "val": {"captions": ["annotations/coco_karpathy_val.json"]},
+        "end": "\n" if arch == "opt" else "</s>",
+        "max_len": 64,
+    }
+    data.update(task)
+    return data
+
+
+def recipe(world: Path, arch: str = "opt", run: dict | None = None, **task):
+    return recipe_from_dict(
+        {
+            "task": task_data(world, arch, **task),
+            "optim": {"lr": 3e-3, "no_decay": "ndim<2"},
+            "schedule": {"name": "constant"},
+            "run": {"max_steps": 4, "batch_size": 8, "progress": False, "eval_every": "end", **(run or {})},
+        }
+    )
+
+
+def build(world: Path, tmp_path: Path, arch: str = "opt", **task):
+    r = recipe(world, arch, **task)
+    return lm_pretrain.build(r.task, TaskContext(torch.device("cpu"), "fp32", 0, 1, 0, tmp_path, r))
+
+
+def test_texts_are_formatted_like_the_later_stages(world, tmp_path):
+    texts = build(world, tmp_path).train_dataset.texts
+    assert all(t.endswith("\n") for t in texts)
+    assert texts[0] == texts[0].lower()  # blip_caption-normalised captions
+    qa = [t for t in texts if t.startswith("Question: ")]
+    assert qa and all(" Short answer: " in t for t in qa)
+    assert len(texts) == 6 * 5 + len(qa) + 6 * 3  # captions, questions, instruction records
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_batches_and_overfit(world, tmp_path, arch):
+    extra = {"bos_token": "</s>"} if arch == "llama" else {}
+    state = build(world, tmp_path, arch, **extra)
+    texts = state.train_dataset.texts[:6]
+    batch = state.collate_fn(texts)
+    ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizers" / arch))
+    assert bool((ids[:, 0] == 2).all())  # OPT's BOS is </s>; the LLaMA run feeds InstructBLIP-Vicuna's </s>
+    assert bool((targets[mask == 0] == -100).all()) and bool((targets[mask == 1] == ids[mask == 1]).all())
+    end = tok("\n", add_special_tokens=False)["input_ids"][-1] if arch == "opt" else tok.eos_token_id
+    lengths = mask.sum(1)
+    assert all(int(ids[i, lengths[i] - 1]) == end for i in range(len(texts)))  # every text ends with "end"
+
+    model = state.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = last = None
+    for _ in range(40):
+        loss = state.training_step(model, batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+    assert last < 0.4 * first
+
+
+def test_train_resume_export_generate(world, tmp_path):
+    r = recipe(world, run={"save_every": 2})
+    result = train(r, output_dir=tmp_path / "a")
+    rows = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert result.last_eval["val_ppl"] == pytest.approx(math.exp(result.last_eval["val_loss"]))
+    assert result.best_value == result.last_eval["val_ppl"] or result.best_value < result.last_eval["val_ppl"]
+
+    train(r, output_dir=tmp_path / "b", resume=tmp_path / "a" / "checkpoints" / "step-00000002")
+    resumed = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in rows[2:]]
+
+    # a standard transformers folder: model + tokenizer, loadable offline, generates
+    folder = result.exported
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert type(model).__name__ == "OPTForCausalLM" and type(tok).__name__ == "GPT2Tokenizer"
+    state = build(world, tmp_path)
+    batch = state.collate_fn(state.train_dataset.texts[:3])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape[-1] == len(tok)
+    out = model.generate(**tok(["a large"], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 3 + 3)
+
+
+def test_llama_export(world, tmp_path):
+    result = train(recipe(world, "llama", run={"max_steps": 1}, bos_token="</s>"), output_dir=tmp_path / "l")
+    model = AutoModelForCausalLM.from_pretrained(str(result.exported), local_files_only=True)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.bos_token_id == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tokenizer": None}, "task.tokenizer"),
+        ({"train": {}}, "task.train"),
+        ({"vqa_template": "Q: {q}"}, "vqa_template"),
+        ({"architecture": {**ARCH, "num_heads": 3}}, "divisible"),
+        ({"arch": "gpt"}, "task.arch"),
+        ({"bogus": 1}, "unknown key task.bogus"),
+    ],
+)
+def test_config_errors(world, change, message):
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({"task": task_data(world, **change), "run": {"max_steps": 1}})
+
+
+def test_runtime_errors(world, tmp_path):
+    with pytest.raises(ConfigError, match="no residual dropout"):
+        build(world, tmp_path, "llama", architecture={**ARCH, "dropout": 0.1})
+    with pytest.raises(ConfigError, match="bos_token"):
+        build(world, tmp_path, "opt", bos_token="<nonexistent>")
+    with pytest.raises(ConfigError, match="not a tokenizer folder"):
+        build(world, tmp_path, "opt", tokenizer="missing")
+
+
+def test_a_failing_export_leaves_no_model_folder(world, tmp_path, monkeypatch):
+    original = lm_pretrain.build
+
+    def build_with_broken_export(cfg, ctx):
+        state = original(cfg, ctx)
+
+        def export(model, state_dict, folder):
+            (folder / "half-written").write_text("x")
+            raise RuntimeError("disk full")
+
+        state.export = export
+        return state
+
+    monkeypatch.setattr(lm_pretrain, "build", build_with_broken_export)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(recipe(world, run={"max_steps": 1}), output_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "model").exists()
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".model")]
+    assert (tmp_path / "r" / "checkpoints" / "latest").is_file()  # the final checkpoint was written first

@@ -94,6 +94,18 @@ class VLMoTokenizer:
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def mask_token_id(self) -> int:
+        """The [MASK] id (MLM); DataError when the vocabulary has no [MASK]."""
+        if self.tokenizer.mask_token_id is None or self.tokenizer.mask_token not in self.tokenizer.get_vocab():
+            raise DataError(f"{self.vocab_file}: the vocabulary has no [MASK] token, which MLM needs")
+        return int(self.tokenizer.mask_token_id)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the special tokens present in the vocabulary ([PAD], [CLS], [SEP], [MASK], [UNK]...)."""
+        return sorted(set(self.tokenizer.all_special_ids))
+
     def __call__(self, texts: str | Sequence[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """``[CLS] text [SEP] [PAD]...`` padded (and truncated) to exactly ``max_length`` tokens.
 

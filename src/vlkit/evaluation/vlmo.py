@@ -375,7 +375,7 @@ def evaluate_retrieval(
     )
     img2txt = [dataset.img2txt[i] for i in range(i2t.shape[0])]
     txt2img = [dataset.txt2img[t] for t in range(i2t.shape[1])]
-    metrics = retrieval_recall(i2t.numpy(), img2txt, txt2img, sim_t2i=t2i.numpy())
+    metrics = retrieval_recall(i2t.float().numpy(), img2txt, txt2img, sim_t2i=t2i.float().numpy())
     metrics.pop("agg_metrics", None)
     metrics.update(timer.metrics())
     return EvalResult(metrics)
@@ -414,6 +414,31 @@ def evaluate_vlmo(
     task: TaskName,
     model: str | os.PathLike | VLMo,
     data: VQASource | NLVR2Source | RetrievalSource | Mapping[str, Any],
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate a VLMo on a VQA, NLVR2 or retrieval split (the function ``vlkit eval`` wraps).
+
+    Args:
+        task: "vqa", "nlvr2" or "retrieval".
+        model: a vlkit folder (e.g. ``RUN/model`` from ``vlkit train``), a unilm ``.pt``/``.ckpt``, or a VLMo.
+        data: the split: a :class:`~vlkit.data.vlmo.VQASource` / ``NLVR2Source`` / ``RetrievalSource`` or a
+            mapping of its fields (``{"questions": [...], "annotations": [...], "image_root": ...}``,
+            ``{"arrow": [...]}``).
+        **options: see :func:`evaluate_vlmo_result` (tokenizer, answers, devices, batch_size, ...).
+
+    Returns:
+        The metrics (see :func:`evaluate_vqa`, :func:`evaluate_nlvr2`, :func:`evaluate_retrieval`), plus
+        ``task``, ``model``, ``devices`` and, for VQA, ``predictions_file`` when written.
+    """
+    out, result = evaluate_vlmo_result(task, model, data, **options)
+    out.update(result.metrics)
+    return out
+
+
+def evaluate_vlmo_result(
+    task: TaskName,
+    model: str | os.PathLike | VLMo,
+    data: VQASource | NLVR2Source | RetrievalSource | Mapping[str, Any],
     *,
     tokenizer: str | os.PathLike | VLMoTokenizer | None = None,
     answers: str | os.PathLike | VQAVocab | None = None,
@@ -424,8 +449,8 @@ def evaluate_vlmo(
     num_workers: int = 0,
     dtype: torch.dtype | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a VLMo on a VQA, NLVR2 or retrieval split (the function ``vlkit eval`` wraps).
+) -> tuple[dict[str, Any], EvalResult]:
+    """:func:`evaluate_vlmo` with the whole :class:`EvalResult` (predictions and breakdowns) kept apart.
 
     Args:
         task: "vqa", "nlvr2" or "retrieval".
@@ -446,14 +471,17 @@ def evaluate_vlmo(
         progress: show progress bars.
 
     Returns:
-        The metrics (see :func:`evaluate_vqa`, :func:`evaluate_nlvr2`, :func:`evaluate_retrieval`), plus
-        ``task``, ``model``, ``devices`` and, for VQA, ``predictions_file`` when written.
+        ``(info, result)``: ``task``, ``model``, ``devices`` (and, for VQA, ``predictions_file`` when
+        written), and the task's :class:`EvalResult`.
     """
     from vlkit.processors import make_image_processor
     from vlkit.tasks.vlmo import ANSWERS_FILE, folder_tokenizer
 
     source = _source(task, data)
     net = load_vlmo(model, dtype=dtype)
+    if devices is not None and len(devices) == 1:
+        net = net.to(torch.device(devices[0]))
+        devices = None
     max_len = net.config.max_text_len
     if isinstance(tokenizer, VLMoTokenizer):
         tok = tokenizer
@@ -520,8 +548,7 @@ def evaluate_vlmo(
             num_workers=num_workers,
             progress=progress,
         )
-    out.update(result.metrics)
-    return out
+    return out, result
 
 
 __all__ = [
@@ -529,6 +556,7 @@ __all__ = [
     "evaluate_nlvr2",
     "evaluate_retrieval",
     "evaluate_vlmo",
+    "evaluate_vlmo_result",
     "evaluate_vqa",
     "load_vlmo",
     "retrieval_scores",

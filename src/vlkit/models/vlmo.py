@@ -224,7 +224,7 @@ class VLMoDualOutput:
     logit_scale: Tensor | None
 
 
-ForwardHead = Literal["vqa", "nlvr2", "itm", "contrastive"]
+ForwardHead = Literal["vqa", "nlvr2", "itm", "mlm", "contrastive"]
 
 _HEAD_MODULES = (
     "mlm_head",
@@ -694,6 +694,7 @@ class VLMo(nn.Module):
         * None: the :class:`VLMoFusionOutput`;
         * "vqa": (B, vqa_num_labels) answer logits from the pooled CLS feature;
         * "itm": (B, 2) image-text matching logits (index 1 = match);
+        * "mlm": (B, L, vocab_size) masked-language-model logits on the fused text features (VL pretraining);
         * "nlvr2": (B, 2) logits (index 1 = "True") from the fusions of ``image`` (token type 1) and
           ``image_1`` (token type 2) with the same text;
         * "contrastive": a :class:`VLMoDualOutput` — the text-only and image-only passes (dual encoder, the
@@ -730,12 +731,14 @@ class VLMo(nn.Module):
             return self._head("vqa_head")(self._fuse(text_ids, text_mask, image, image_token_type).cls_feats)
         if head == "itm":
             return self._head("itm_head")(self._fuse(text_ids, text_mask, image, image_token_type).cls_feats)
+        if head == "mlm":
+            return self._head("mlm_head")(self._fuse(text_ids, text_mask, image, image_token_type).text_feats)
         if head == "nlvr2":
             classifier = self._head("nlvr2_head")
             first = self._fuse(text_ids, text_mask, image, 1).cls_feats
             second = self._fuse(text_ids, text_mask, image_1, 2).cls_feats
             return classifier(torch.cat([first, second], dim=-1))
-        raise VLMoInputError(f"unknown head {head!r}; choose one of vqa, itm, nlvr2, contrastive")
+        raise VLMoInputError(f"unknown head {head!r}; choose one of vqa, itm, mlm, nlvr2, contrastive")
 
     def _fuse(
         self, text_ids: Tensor, text_mask: Tensor | None, image: Tensor, image_token_type: int

@@ -112,6 +112,7 @@ class _Common:
 
     model: VLMoModelSpec = field(default_factory=VLMoModelSpec)
     data_root: Path | None = None
+    models_root: Path | None = None
     tokenizer: str = "bert-base-uncased"
     tokenizer_vocab_size: int = 1000
     train_transform: Literal["vlmo_train", "vlmo_eval"] = "vlmo_train"
@@ -132,6 +133,8 @@ class VLMoVQAConfig(_Common):
     Attributes:
         model: what to fine-tune (:class:`VLMoModelSpec`).
         data_root: folder that relative data paths (and a relative ``tokenizer`` path) are relative to.
+        models_root: folder that a relative ``model.checkpoint`` is relative to (e.g. the ``runs/`` folder of
+            an earlier recipe whose ``RUN/model`` this one starts from); unset: the working directory.
         data: the training split (:class:`vlkit.data.vlmo.VQASource`).
         val: the split evaluated during training (None: no evaluation).
         answers: answer label file (``answer2label.txt`` JSON lines, an id2label JSON, a list...). Default:
@@ -171,15 +174,23 @@ class VLMoRetrievalConfig(_Common):
         itm: add the ITM loss with hard negatives (the model gets an ITM head); the reference's retrieval
             fine-tuning uses the contrastive loss only.
         itm_rerank_k: evaluation during training re-ranks the top k candidates with the ITM head (0: off).
+        mlm: add masked language modelling on the fusion pass (the model gets an MLM head), as in the
+            reference's pre-training: ``mlm_probability`` of the real tokens (never [CLS]/[SEP]/[PAD]) are
+            predicted, of which 80 % are replaced by [MASK], 10 % by a random token and 10 % kept.
+        mlm_probability: the masking rate (0.15 in the reference).
     """
 
     data: RetrievalSource = field(default_factory=lambda: RetrievalSource(arrow=[Path("f30k_train.arrow")]))
     val: RetrievalSource | None = None
     itm: bool = False
     itm_rerank_k: int = 0
+    mlm: bool = False
+    mlm_probability: float = 0.15
 
     def __post_init__(self) -> None:
         self._check_common()
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if self.itm_rerank_k < 0:
             raise ConfigError("itm_rerank_k must be >= 0")
         if self.itm_rerank_k and not self.itm:
@@ -314,6 +325,45 @@ def itm_hard_negatives(
     image_index = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     text_index = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     return image_index, text_index
+
+
+def mask_tokens(
+    ids: Tensor,
+    keep: Tensor,
+    *,
+    mask_id: int,
+    special_ids: Sequence[int],
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking for MLM (the reference's ``DataCollatorForLanguageModeling`` rule): each real, non-special
+    token is picked with ``probability``; a picked token becomes ``mask_id`` (80 %), a random token (10 %) or
+    stays (10 %). A text with no pick gets its first eligible token picked, so every text has a target.
+
+    Args:
+        ids: (B, L) token ids.
+        keep: (B, L) bool, True for real tokens.
+        mask_id: the [MASK] id.
+        special_ids: ids never picked ([CLS], [SEP], [PAD]...).
+        vocab_size: random replacements are drawn from ``0..vocab_size-1``.
+        probability: the picking rate.
+        generator: random generator on ``ids``' device.
+
+    Returns:
+        ``(masked_ids, labels)``: (B, L) ids to feed, (B, L) targets with -100 where nothing is predicted.
+    """
+    eligible = keep.bool() & ~torch.isin(ids, torch.tensor(list(special_ids), device=ids.device))
+    draw = torch.rand(ids.shape, device=ids.device, generator=generator)
+    picked = eligible & (draw < probability)
+    first = eligible & (eligible.cumsum(dim=1) == 1)
+    picked |= first & ~picked.any(dim=1, keepdim=True)
+    how = torch.rand(ids.shape, device=ids.device, generator=generator)
+    random_ids = torch.randint(vocab_size, ids.shape, device=ids.device, generator=generator)
+    masked = torch.where(picked & (how < 0.8), torch.full_like(ids, mask_id), ids)
+    masked = torch.where(picked & (how >= 0.8) & (how < 0.9), random_ids, masked)
+    labels = torch.where(picked, ids, torch.full_like(ids, -100))
+    return masked, labels
 
 
 def nlvr2_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -484,7 +534,11 @@ def _check_vocab(model: VLMo, tokenizer: VLMoTokenizer) -> None:
 
 
 def resolve_paths(cfg: Any) -> Any:
-    """A copy of a task config with its data paths (and a tokenizer path) taken relative to ``data_root``."""
+    """A copy of a task config with its data paths (and a tokenizer path) taken relative to ``data_root``, and a
+    relative ``model.checkpoint`` relative to ``models_root``."""
+    if cfg.models_root is not None and cfg.model.checkpoint is not None and not cfg.model.checkpoint.is_absolute():
+        model = dataclasses.replace(cfg.model, checkpoint=cfg.models_root / cfg.model.checkpoint)
+        cfg = dataclasses.replace(cfg, model=model, models_root=None)
     root = cfg.data_root
     if root is None:
         return cfg
@@ -618,10 +672,11 @@ def _build_nlvr2(cfg: VLMoNLVR2Config, ctx: TaskContext) -> TaskState:
 def _build_retrieval(cfg: VLMoRetrievalConfig, ctx: TaskContext) -> TaskState:
     from vlkit.evaluation.vlmo import evaluate_retrieval
 
-    heads = ("irtr", "itm") if cfg.itm else ("irtr",)
+    heads = ("irtr",) + (("itm",) if cfg.itm else ()) + (("mlm",) if cfg.mlm else ())
     tokenizer, model = _tokenizer_and_model(cfg, ctx, heads, lambda: dataset_texts(cfg.data.open(None, train=True)))
     train_tf, eval_tf = image_processors(model.config, cfg.train_transform)
     train_set = cfg.data.open(train_tf, train=True)
+    mask_id, special_ids = tokenizer.mask_token_id, tokenizer.special_ids
 
     def training_step(net: VLMo, batch: dict) -> dict[str, Tensor]:
         ids, mask, image = batch["text_ids"], batch["text_mask"], batch["image"]
@@ -647,6 +702,21 @@ def _build_retrieval(cfg: VLMoRetrievalConfig, ctx: TaskContext) -> TaskState:
             loss_itm = F.cross_entropy(logits.float(), labels)
             losses["loss_itm"] = loss_itm
             total = total + loss_itm
+        if cfg.mlm:
+            masked, labels = mask_tokens(
+                ids,
+                mask.bool(),
+                mask_id=mask_id,
+                special_ids=special_ids,
+                vocab_size=tokenizer.vocab_size,
+                probability=cfg.mlm_probability,
+            )
+            logits = net(masked, mask, image, head="mlm")
+            loss_mlm = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            picked = labels != -100
+            losses["loss_mlm"] = loss_mlm
+            losses["mlm_accuracy"] = (logits.argmax(-1)[picked] == labels[picked]).float().mean().detach()
+            total = total + loss_mlm
         losses["loss"] = total
         return losses
 

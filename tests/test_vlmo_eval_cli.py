@@ -27,7 +27,9 @@ def shapes_vlmo(tmp_path_factory, tiny_shapes_world):
     train = shapes_paths(tiny_shapes_world, "train")
     texts = [q["question"] for q in json.loads(train.vqa_questions.read_text())["questions"]]
     tok = VLMoTokenizer(train_wordpiece(texts, root / "tok", vocab_size=200), 12)
-    vocab = build_vqa_vocab([train.vqa_annotations, shapes_paths(tiny_shapes_world, "test").vqa_annotations], min_count=1)
+    vocab = build_vqa_vocab(
+        [train.vqa_annotations, shapes_paths(tiny_shapes_world, "test").vqa_annotations], min_count=1
+    )
     with torch.random.fork_rng():
         torch.manual_seed(3)
         model = tiny_vlmo(("vqa",), tok.vocab_size, vqa_num_labels=len(vocab), max_text_len=12).eval()

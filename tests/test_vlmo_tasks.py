@@ -26,6 +26,8 @@ from vlkit.tasks.vlmo import (
     contrastive_loss,
     gather_local_first,
     itm_hard_negatives,
+    mask_tokens,
+    resolve_paths,
     vqa_loss,
 )
 from vlkit.training.optim import param_groups
@@ -198,6 +200,56 @@ def test_retrieval_task_overfits_a_batch_with_itm(tmp_path):
     assert last < 0.5 * first, (first, last)
 
 
+def test_mask_tokens_follows_the_bert_rule():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 50, (400, 12), generator=g)
+    ids[:, 0], ids[:, 9], ids[:, 10:] = 2, 3, 0  # [CLS] text [SEP] [PAD] [PAD]
+    keep = ids != 0
+    masked, labels = mask_tokens(ids, keep, mask_id=4, special_ids=[0, 1, 2, 3, 4], vocab_size=50,
+                                 probability=0.15, generator=g)  # fmt: skip
+    picked = labels != -100
+    assert not picked[:, 0].any() and not picked[:, 9:].any()  # never specials or padding
+    assert picked.any(dim=1).all()  # every text has a target
+    torch.testing.assert_close(labels[picked], ids[picked])
+    assert torch.equal(masked[~picked], ids[~picked])
+    rate = picked[:, 1:9].float().mean().item()
+    assert 0.13 < rate < 0.2, rate
+    as_mask = (masked[picked] == 4).float().mean().item()
+    kept = (masked[picked] == ids[picked]).float().mean().item()
+    assert 0.74 < as_mask < 0.86 and 0.05 < kept < 0.17, (as_mask, kept)
+
+
+def test_retrieval_task_with_mlm_trains_all_three_objectives(tmp_path):
+    d = _data(tmp_path)
+    state = build(_cfg("vlmo_retrieval", d, "captions", pretrained=True, itm=True, mlm=True), _ctx(tmp_path))
+    assert set(state.model.config.heads) == {"irtr", "itm", "mlm"}
+    model = state.model.train()
+    batch = state.collate_fn([state.train_dataset[i] for i in range(len(state.train_dataset))])
+    out = state.training_step(model, batch)
+    assert {"loss_irtr", "loss_itm", "loss_mlm", "mlm_accuracy"} <= set(out)
+    torch.testing.assert_close(out["loss"], out["loss_irtr"] + out["loss_itm"] + out["loss_mlm"])
+    logits = model(batch["text_ids"], batch["text_mask"], batch["image"], head="mlm")
+    assert logits.shape == (*batch["text_ids"].shape, model.config.vocab_size)
+    first, last = _overfit(state, steps=40)
+    assert last < 0.6 * first, (first, last)
+    with pytest.raises(ConfigError, match="mlm_probability"):
+        config_from_dict("vlmo_retrieval", {"data": {"arrow": ["x.arrow"]}, "mlm_probability": 0})
+
+
+def test_models_root_makes_the_checkpoint_relative(tmp_path):
+    fields = {"model": {"checkpoint": "pre/model"}, "models_root": str(tmp_path / "runs"),
+              "data_root": str(tmp_path / "data"), "data": {"arrow": ["t.arrow"]}}  # fmt: skip
+    cfg = config_from_dict("vlmo_vqa", fields)
+    resolved = resolve_paths(cfg)
+    assert resolved.model.checkpoint == tmp_path / "runs" / "pre" / "model"
+    assert resolved.data.arrow == [tmp_path / "data" / "t.arrow"]
+    absolute = config_from_dict("vlmo_vqa", {"model": {"checkpoint": str(tmp_path / "x.pt")}, "models_root": "r",
+                                             "data": {"arrow": ["t.arrow"]}})  # fmt: skip
+    assert resolve_paths(absolute).model.checkpoint == tmp_path / "x.pt"
+    unset = config_from_dict("vlmo_vqa", {"model": {"checkpoint": "pre/model"}, "data": {"arrow": ["t.arrow"]}})
+    assert resolve_paths(unset).model.checkpoint == Path("pre/model")  # the working directory
+
+
 def test_nlvr2_task_overfits_a_batch(tmp_path):
     d = _data(tmp_path)
     state = build(_cfg("vlmo_nlvr2", d, "nlvr2", pretrained=True), _ctx(tmp_path))
@@ -278,7 +330,8 @@ def test_vlmo_optimiser_rule_and_classifier_multiplier():
 
 
 def test_vlmo_recipes_load_with_reference_hyperparameters():
-    files = sorted((REPO / "configs" / "vlmo").glob("*.yaml")) + [REPO / "configs" / "shapes" / "vlmo_vqa.yaml"]
+    shapes = [REPO / "configs" / "shapes" / f"vlmo_{name}.yaml" for name in ("pretrain", "vqa")]
+    files = sorted((REPO / "configs" / "vlmo").glob("*.yaml")) + shapes
     assert len(files) >= 4
     recipes = {f.stem: load_recipe(f) for f in files}
     for name, recipe in recipes.items():
@@ -323,32 +376,44 @@ def test_vlkit_train_exports_a_loadable_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_shapes_recipe_trains_a_vqa_classifier(tmp_path, full):
-    """configs/shapes/vlmo_vqa.yaml end to end: ``vlkit train`` then the test-split evaluation of the exported
-    model. CI runs a few steps on a tiny world; ``--full`` trains on the demo world and needs >= 80 %."""
+def test_shapes_recipes_pretrain_then_vqa(tmp_path, full):
+    """configs/shapes/vlmo_pretrain.yaml then vlmo_vqa.yaml, run as the demo pipeline runs them (data and
+    earlier runs under one folder, paths set by ``task.data_root`` / ``task.models_root``), then ``vlkit eval
+    vqa`` on the test split. CI runs a few steps on a tiny world; ``--full`` runs the recipes as written on
+    the demo world and needs >= 80 % VQA accuracy."""
     from vlkit.cli import main
-    from vlkit.data.shapes import generate_shapes_world, shapes_paths
-    from vlkit.evaluation.vlmo import evaluate_vlmo
+    from vlkit.data.shapes import shapes_paths
 
-    root = tmp_path / "shapes"
+    out = tmp_path / "out"
+    data = out / "data"
     if full:
-        generate_shapes_world(root, images=200, train_images=2000, size=64)
+        assert main(["data", "shapes", str(data), "--train-images", "5000", "--images", "200", "--quiet"]) == 0
     else:
-        generate_shapes_world(root, images=3, size=64)
-    overrides = [f"task.data_root={root}", "task.tokenizer=train", "run.progress=false"]
-    if not full:
-        overrides += ["run.max_steps=2", "run.batch_size=4", "run.eval_every=end"]
-    run = tmp_path / "run"
-    assert (
-        main(["train", str(REPO / "configs" / "shapes" / "vlmo_vqa.yaml"), "--output", str(run), "--set", *overrides])
-        == 0
-    )
-    test = shapes_paths(root, "test")
-    data = {"questions": [str(test.vqa_questions)], "annotations": [str(test.vqa_annotations)],
-            "image_root": str(test.image_root), "image_template": test.vqa_image_template}  # fmt: skip
-    out = evaluate_vlmo("vqa", run / "model", data, output_dir=tmp_path / "eval", progress=False)
-    questions = json.loads(test.vqa_questions.read_text())["questions"]
-    predictions = json.loads(Path(out["predictions_file"]).read_text())
+        from vlkit.data.shapes import generate_shapes_world
+
+        generate_shapes_world(data, images=3, size=64)
+    assert main(["data", "tokenizers", str(data), str(data / "tokenizers")]) == 0
+    quick = [] if full else ["run.max_steps=2", "run.batch_size=4", "run.eval_every=end", "task.eval_batch_size=8"]
+    common = [f"task.data_root={data}", "run.progress=false", *quick]
+    pretrain = ["train", str(REPO / "configs" / "shapes" / "vlmo_pretrain.yaml"), "--output",
+                str(out / "runs" / "vlmo_pretrain"), "--set", *common]  # fmt: skip
+    assert main(pretrain) == 0
+    pretrained = load_model(out / "runs" / "vlmo_pretrain" / "model")
+    assert set(pretrained.config.heads) == {"irtr", "itm", "mlm"}
+    vqa = ["train", str(REPO / "configs" / "shapes" / "vlmo_vqa.yaml"), "--output", str(out / "runs" / "vlmo"),
+           "--set", *common, f"task.models_root={out / 'runs'}"]  # fmt: skip
+    assert main(vqa) == 0
+    model = load_model(out / "runs" / "vlmo" / "model")
+    assert model.config.heads == ("vqa",)
+    # the fine-tuned backbone started from the pre-trained one (same architecture, same vocabulary)
+    assert model.config.hidden_size == pretrained.config.hidden_size
+    assert model.config.vocab_size == pretrained.config.vocab_size
+    evaluation = tmp_path / "eval"
+    assert main(["eval", "vqa", "--model", str(out / "runs" / "vlmo" / "model"), "--data", str(data),
+                 "--split", "test", "--output", str(evaluation), "--quiet"]) == 0  # fmt: skip
+    doc = json.loads((evaluation / "metrics.json").read_text())
+    questions = json.loads(shapes_paths(data, "test").vqa_questions.read_text())["questions"]
+    predictions = json.loads((evaluation / "predictions.json").read_text())
     assert [p["question_id"] for p in predictions] == [q["question_id"] for q in questions]
     if full:
-        assert out["vqa_accuracy"] >= 80.0, out
+        assert doc["metrics"]["vqa_accuracy"] >= 80.0, doc["metrics"]

@@ -479,7 +479,7 @@ def _vlmo_folder(path):
         ("bad-metric", "--metrics 'BLEU'"),
         ("stage1-prompt", "takes no prompt"),
         ("missing-candidates", "--rank-candidates"),
-        ("vlmo", "VLMo evaluation is not yet supported"),
+        ("vlmo", "--limit is not supported for VLMo"),
         ("vlmo-caption", "vlkit eval caption needs a stage-1 BLIP-2"),
         ("bad-limit", "--limit must be >= 1"),
     ],
@@ -501,7 +501,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, case, message, tiny_
         "bad-metric": ["caption", "--model", s1, "--data", root, "--metrics", "BLEU"],
         "stage1-prompt": ["caption", "--model", s1, "--data", root, "--prompt", "a photo of"],
         "missing-candidates": ["vqa", "--model", opt, "--data", root, "--rank-candidates", tmp_path / "x.json"],
-        "vlmo": ["vqa", "--model", vlmo, "--data", root],
+        "vlmo": ["vqa", "--model", vlmo, "--data", root, "--limit", 2],
         "vlmo-caption": ["caption", "--model", vlmo, "--data", root],
         "bad-limit": ["caption", "--model", s1, "--data", root, "--limit", 0],
     }[case]

@@ -368,34 +368,9 @@ def _vlmo_tokenizer(path: Path, model: nn.Module) -> Any:
         vocab = find_bert_vocab()
     if vocab is None:
         return None
-    return VLMoTextTokenizer(vocab, model.config.max_text_len)
+    from vlkit.data.vlmo_text import VLMoTokenizer
 
-
-class VLMoTextTokenizer:
-    """Uncased BERT WordPiece padded to the model's ``max_text_len`` (VLMo's fusion pass splits text from
-    image tokens at that fixed length)."""
-
-    def __init__(self, vocab_file: str | os.PathLike, max_length: int) -> None:
-        from transformers import BertTokenizerFast  # deferred: slow import
-
-        self.vocab_file = Path(vocab_file)
-        lines = self.vocab_file.read_text(encoding="utf-8").splitlines()
-        self.tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(lines)}, do_lower_case=True)
-        self.max_length = int(max_length)
-
-    def __len__(self) -> int:
-        return len(self.tokenizer)
-
-    def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return enc["input_ids"].long(), enc["attention_mask"].long()
+    return VLMoTokenizer(vocab, model.config.max_text_len)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``vlkit convert SRC OUT``: turn a LAVIS or transformers checkpoint into a vlkit folder.
+"""``vlkit convert SRC OUT``: turn a LAVIS, transformers or unilm VLMo checkpoint into a vlkit folder.
 
 Examples::
 
@@ -12,6 +12,7 @@ Examples::
         --llm path/to/opt-2.7b --preset blip2-opt2.7b-pretrain
     vlkit convert instruct_blip_vicuna7b_trimmed.pth out/ib-vicuna --vision eva_vit_g.pth
         --llm path/to/vicuna-7b-v1.1 --qformer-tokenizer path/to/bert-base-uncased
+    vlkit convert vlmo_base_patch16_480_vqa.pt out/vlmo-base-vqa       # unilm VLMo (.pt / .ckpt)
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlkit convert", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("src", help="LAVIS .pth checkpoint, transformers BLIP-2 folder, or vlkit folder")
+    p.add_argument(
+        "src", help="LAVIS .pth checkpoint, transformers BLIP-2 folder, unilm VLMo .pt/.ckpt, or vlkit folder"
+    )
     p.add_argument("out", help="output vlkit folder (config.yaml + model.safetensors)")
     p.add_argument("--vision", help="LAVIS: the ViT weights file (eva_vit_g.pth / clip_vit_L.pth)")
     p.add_argument("--llm", help="LAVIS stage 2 / InstructBLIP: local transformers folder of the frozen LLM")
@@ -72,8 +75,8 @@ def main(argv: list[str]) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n:,} parameters)")
     config = model.config
-    if config.lm is not None and loaded.llm_tokenizer is None:
+    if getattr(config, "lm", None) is not None and loaded.llm_tokenizer is None:
         print("note: no LLM tokenizer found in the source; the folder holds no llm_tokenizer/")
-    if config.instruction_aware and loaded.qformer_tokenizer is None:
+    if getattr(config, "instruction_aware", False) and loaded.qformer_tokenizer is None:
         print("note: no Q-Former tokenizer found (pass --qformer-tokenizer); the folder holds no qformer_tokenizer/")
     return 0

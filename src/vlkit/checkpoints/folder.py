@@ -11,10 +11,11 @@ A vlkit folder is self-contained and loads offline::
     llm_tokenizer/      stage 2 / InstructBLIP: the LLM's tokenizer files (transformers format)
     qformer_tokenizer/  InstructBLIP: the Q-Former's BERT tokenizer (with [DEC])
 
-``load_model`` accepts a vlkit folder, a transformers BLIP-2 / InstructBLIP folder, or a LAVIS ``.pth``
-(plus its ViT file and, for stage 2, a local LLM folder) and converts on the fly; ``load_checkpoint`` also
-returns the tokenizers found. Models are built on the meta device and the checked tensors assigned, so
-loading a multi-billion-parameter model does not pay for a random initialisation first.
+``load_model`` accepts a vlkit folder (any ``arch``: BLIP-2, InstructBLIP, VLMo), a transformers BLIP-2 /
+InstructBLIP folder, a LAVIS ``.pth`` (plus its ViT file and, for stage 2, a local LLM folder) or a
+microsoft/unilm VLMo ``.pt``/``.ckpt``, and converts on the fly; ``load_checkpoint`` also returns the
+tokenizers found. Models are built on the meta device and the checked tensors assigned, so loading a
+multi-billion-parameter model does not pay for a random initialisation first.
 """
 
 from __future__ import annotations
@@ -263,11 +264,13 @@ def load_checkpoint(
     drop_lm: bool = False,
     qformer_tokenizer: str | os.PathLike | None = None,
 ) -> LoadedCheckpoint:
-    """Load a model and its tokenizers from a vlkit folder, a transformers folder, or a LAVIS checkpoint.
+    """Load a model and its tokenizers from a vlkit folder, a transformers folder, a LAVIS or a unilm VLMo
+    checkpoint.
 
     Args:
-        path: a vlkit folder (``config.yaml``), a transformers BLIP-2 / InstructBLIP folder (``config.json``)
-            or a LAVIS ``.pth``.
+        path: a vlkit folder (``config.yaml``), a transformers BLIP-2 / InstructBLIP folder (``config.json``),
+            a LAVIS ``.pth`` or a unilm VLMo ``.pt``/``.ckpt`` (recognised by its keys; its architecture is
+            read from the tensors).
         device: target device (default CPU).
         dtype: cast floating-point weights. Default: as stored for a vlkit folder; float32 when
             converting a LAVIS or transformers checkpoint (their files mix fp16 and fp32 tensors, and the
@@ -311,6 +314,15 @@ def load_checkpoint(
 
             qformer_tok = QFormerTokenizer(p / QFORMER_TOKENIZER_DIR)
         return LoadedCheckpoint(model, llm_tok, qformer_tok, source=str(p))
+    unilm_sd = _unilm_state_dict_or_none(p)
+    if unilm_sd is not None:
+        from vlkit.checkpoints import unilm
+
+        _no_extra(vision=vision, preset=preset, llm=llm, kind="a unilm VLMo checkpoint")
+        config = unilm.infer_unilm_config(unilm_sd, source=str(p))
+        converted, _ = unilm.convert_unilm_state_dict(unilm_sd, config, source=str(p))
+        model = build_loaded("vlmo", config, converted, source=str(p), device=device, dtype=foreign_dtype)
+        return LoadedCheckpoint(model, source=str(p))
     if lavis.is_lavis_file(p):
         loaded = lavis.load_lavis_checkpoint(p, vision=vision, preset=preset, llm=llm)
         model = build_loaded(
@@ -329,8 +341,32 @@ def load_checkpoint(
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     raise CheckpointError(
-        f"{p}: not a vlkit folder (config.yaml), a transformers folder (config.json) or a LAVIS .pth checkpoint"
+        f"{p}: not a vlkit folder (config.yaml), a transformers folder (config.json), a LAVIS .pth or a unilm "
+        "VLMo .pt/.ckpt checkpoint"
     )
+
+
+UNILM_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
+# Keys every unilm VLMo state dict has (and no BLIP-2 checkpoint does).
+_UNILM_MARKERS = ("transformer.patch_embed.proj.weight", "transformer.blocks.0.mlp_text.fc1.weight")
+
+
+def _unilm_state_dict_or_none(path: Path) -> dict[str, Tensor] | None:
+    """The state dict of a unilm VLMo file, or None for any other file (LAVIS's .pth, ...).
+
+    unilm releases use ``.pt`` like LAVIS, so the keys decide. Files are memory-mapped by the weights-only
+    loader, so looking costs little even for a large LAVIS checkpoint read again afterwards.
+    """
+    if not path.is_file() or path.suffix not in UNILM_SUFFIXES:
+        return None
+    from vlkit.checkpoints import unilm
+
+    try:
+        obj = unilm.read_unilm_file(path)
+        sd = unilm.unilm_state_dict(obj, source=str(path))
+    except CheckpointError:
+        return None
+    return sd if all(key in sd for key in _UNILM_MARKERS) else None
 
 
 def load_model(

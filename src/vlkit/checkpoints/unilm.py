@@ -128,6 +128,16 @@ _HEAD_PREFIXES: dict[str, str] = {
 _EXPORT_MAP: dict[str, str] = {v: k for k, v in UNILM_KEY_MAP.items() if v is not None}
 
 
+def unilm_key(key: str) -> str | None:
+    """The unilm name of a vlkit VLMo state-dict key (``blocks.3.norm_text.weight`` ->
+    ``transformer.blocks.3.norm2_text.weight``), or None for a key VLMo does not have."""
+    try:
+        (name,) = map_keys({key: torch.empty(0)}, _EXPORT_MAP, source="vlkit VLMo")
+    except CheckpointError:
+        return None
+    return name
+
+
 def head_of(key: str) -> str | None:
     """The task head a vlkit key belongs to ("itc/irtr" for the projections both share), or None for backbone."""
     for prefix, head in _HEAD_PREFIXES.items():

@@ -90,6 +90,12 @@ def _common() -> argparse.ArgumentParser:
     r = common.add_argument_group("running")
     r.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per forward pass (default 16)")
     r.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...")
+    r.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="VLMo: split the blocks over these devices, e.g. cuda:0,cuda:1 (first half on the first)",
+    )
+    g.add_argument("--vlmo-tokenizer", metavar="PATH", help="VLMo: vocab.txt / folder (default: the model's)")
     r.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: as stored)")
     r.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader workers (default 0)")
     r.add_argument("--output", metavar="DIR", help="where the files go (default: eval/TASK-SPLIT)")
@@ -161,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         help="image path pattern over {image_id} and {data_subtype} (default: COCO's, or the shapes world's)",
     )
     vqa.add_argument("--template", help="prompt with one {} for the question")
+    vqa.add_argument("--answers", metavar="FILE", help="VLMo: answer label file (default: the model's)")
     vqa.add_argument("--rank-candidates", metavar="FILE", help="answer list (JSON list or one per line) to rank")
     vqa.add_argument("--candidate-chunk-size", type=int, metavar="N", help="candidates scored at once when ranking")
     _generation_args(vqa)
@@ -169,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--k-test", type=int, default=128, metavar="K", help="ITM re-ranked candidates (128)")
     retrieval.add_argument("--itm-batch-size", type=int, default=128, metavar="N", help="pairs per ITM pass (128)")
     retrieval.add_argument("--save-scores", action="store_true", help="write scores_i2t.npy and scores_t2i.npy")
+    retrieval.add_argument(
+        "--itm-rerank-k", type=int, default=0, metavar="K", help="VLMo: re-rank the top K with ITM (0: ITC only)"
+    )
 
     classification = sub.add_parser("classification", parents=[common], help="zero-shot top-1 / top-5")
     classification.add_argument("--labels", metavar="FILE", help="class names, one per line (default: folder names)")
@@ -649,8 +659,60 @@ _SETUPS: dict[str, Callable[[Any, str, argparse.Namespace, dict[str, Any]], Setu
 }
 
 
+def _vlmo_source(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+    """The VLMo data source (fields of ``VQASource`` / ``RetrievalSource`` / ``NLVR2Source``) of the options.
+
+    ``--data`` may be a shapes-world root (its ``--split`` files), ``.arrow`` tables (comma-separated), or the
+    task's annotation file: VQA questions JSON (with ``--annotations``, ``--images``, ``--image-template``),
+    a retrieval caption JSON (with ``--images``), or NLVR2 JSON lines (with ``--images``).
+    """
+    from vlkit.data.shapes import shapes_paths
+    from vlkit.errors import DataError
+
+    task = args.task
+    if _is_shapes_root(args.data):
+        if task == "nlvr2":
+            raise DataError(f"--data {args.data}: a shapes world has no NLVR2 split")
+        shapes = shapes_paths(args.data, args.split)
+        if task == "vqa":
+            questions = _file(args.questions, "--questions") if args.questions else shapes.vqa_questions
+            annotations = _file(args.annotations, "--annotations") if args.annotations else shapes.vqa_annotations
+            return {
+                "questions": [questions],
+                "annotations": [annotations],
+                "image_root": shapes.image_root,
+                "image_template": args.image_template or shapes.vqa_image_template,
+            }
+        return {"annotations": [shapes.flickr], "image_root": shapes.image_root}
+    given = data.get("questions") if task == "vqa" else None
+    given = given or data.get("data")
+    paths = [Path(p) for p in _required(given, "--data", task, "the annotation file or .arrow tables").split(",")]
+    for path in paths:
+        _file(path, "--data")
+    if all(p.suffix == ".arrow" for p in paths):
+        return {"arrow": paths}
+    if any(p.suffix == ".arrow" for p in paths):
+        raise DataError(f"--data {given}: give either .arrow tables or annotation files, not both")
+    images = _folder(_required(args.images, "--images", task, "the image root"), "--images")
+    if task == "vqa":
+        source: dict[str, Any] = {"questions": paths, "image_root": images}
+        if args.annotations:
+            source["annotations"] = [_file(p, "--annotations") for p in args.annotations.split(",")]
+        if args.image_template:
+            source["image_template"] = args.image_template
+        return source
+    if task == "retrieval":
+        return {"annotations": paths, "image_root": images}
+    return {"jsonl": paths, "image_roots": [images] * len(paths)}
+
+
 def run_vlmo(args: argparse.Namespace, data: dict[str, Any], model: Any = None) -> Any:
     """The single entry of VLMo models into ``vlkit eval`` (tasks ``vqa``, ``retrieval``, ``nlvr2``).
+
+    Evaluates with :func:`vlkit.evaluation.vlmo.evaluate_vlmo_result` (VQA: the classifier's best answer
+    and the official accuracy; retrieval: the dual encoder, re-ranked with ITM when ``--itm-rerank-k`` > 0;
+    NLVR2: accuracy), on ``--device`` or split over ``--devices``. The seed's latency, the mean model time
+    per sample ("mean of cost"), is reported in ``details["timing"]``.
 
     Args:
         args: the parsed command line (``args.task``, ``args.model``, batch size, device, ...).
@@ -662,13 +724,45 @@ def run_vlmo(args: argparse.Namespace, data: dict[str, Any], model: Any = None) 
         A :class:`~vlkit.evaluation.tasks.TaskResult`.
 
     Raises:
-        ConfigError: VLMo evaluation is not wired into ``vlkit eval`` yet.
+        ConfigError: options that do not apply to VLMo (``--limit``, ``--save-scores``, generation settings).
     """
     from vlkit.errors import ConfigError
+    from vlkit.evaluation.tasks import TaskResult
+    from vlkit.evaluation.vlmo import evaluate_vlmo_result
 
-    raise ConfigError(
-        f"vlkit eval {args.task}: {args.model} is a VLMo model, and VLMo evaluation is not yet supported by vlkit eval"
+    if args.limit is not None:
+        raise ConfigError("--limit is not supported for VLMo models; evaluate a smaller split instead")
+    if getattr(args, "save_scores", False):
+        raise ConfigError("--save-scores is not supported for VLMo models")
+    for option in ("template", "rank_candidates", "num_beams", "max_new_tokens", "min_new_tokens", "prompt"):
+        if getattr(args, option, None) is not None:
+            raise ConfigError(f"--{option.replace('_', '-')} does not apply to VLMo, which answers with a classifier")
+    source = _vlmo_source(args, data)
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    else:
+        devices = [str(_device(args.device))]
+    info, result = evaluate_vlmo_result(
+        args.task,
+        model if model is not None else args.model,
+        source,
+        tokenizer=args.vlmo_tokenizer,
+        answers=getattr(args, "answers", None),
+        devices=devices,
+        batch_size=args.batch_size,
+        itm_rerank_k=getattr(args, "itm_rerank_k", 0),
+        num_workers=args.num_workers,
+        dtype=_dtype(args.dtype),
+        progress=_progress(args),
     )
+    timing_keys = ("mean_cost_ms", "samples_per_second", "num_samples")
+    metrics = {k: v for k, v in result.metrics.items() if k not in timing_keys}
+    details = dict(result.details)
+    details.pop("predictions_file", None)
+    details["timing"] = {k: result.metrics[k] for k in timing_keys if k in result.metrics}
+    details["devices"] = info["devices"]
+    num = int(result.metrics.get("num_samples", len(result.predictions)))
+    return TaskResult(metrics=metrics, predictions=result.predictions or None, details=details, num_samples=num)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -762,7 +856,8 @@ def evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
     if kind is not None:
         check_task(args.task, kind, config, args.model)
     # VLMo reads its own data sources (VQA/NLVR2/retrieval files or arrow tables): it gets the options as given.
-    data = resolve_data(args) if kind != "vlmo" else _given_data(args)
+    # Other checkpoints (a unilm VLMo .pt, a LAVIS .pth) tell their kind once loaded.
+    data = (resolve_data(args) if kind != "vlmo" else _given_data(args)) if kind is not None else None
     device = _device(args.device)
     owns_group = not distributed.is_distributed()
     distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
@@ -776,6 +871,8 @@ def evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
             )
             kind = model_kind(loaded.model.config)
             check_task(args.task, kind, loaded.model.config, args.model)
+            if data is None:
+                data = resolve_data(args) if kind != "vlmo" else _given_data(args)
             if kind == "vlmo":
                 result, settings = run_vlmo(args, data, loaded.model), {}
             else:
@@ -808,6 +905,9 @@ def main(argv: list[str]) -> int:
     result, doc = evaluate(args)
     if doc is not None and not args.quiet:
         print(_table(args.task, result))
+        timing = result.details.get("timing") or {}
+        if "mean_cost_ms" in timing:  # the inference guide's latency line
+            print(f"mean of cost: {timing['mean_cost_ms']:.3f} ms per sample (batch size {args.batch_size})")
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         print(
             f"{args.task}: {result.num_samples} samples in {time.perf_counter() - start:.1f}s "

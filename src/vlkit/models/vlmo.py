@@ -209,6 +209,23 @@ class VLMoUnimodalOutput:
     raw_cls_feats: Tensor
 
 
+@dataclass
+class VLMoDualOutput:
+    """Text-only and image-only passes of one batch (dual encoder), for contrastive training.
+
+    Attributes:
+        text: the text pass (:meth:`VLMo.encode_text`), None when no text was given.
+        image: the image pass (:meth:`VLMo.encode_image`), None when no image was given.
+        logit_scale: the learnable log inverse temperature (0-D), or None without ITC heads.
+    """
+
+    text: VLMoUnimodalOutput | None
+    image: VLMoUnimodalOutput | None
+    logit_scale: Tensor | None
+
+
+ForwardHead = Literal["vqa", "nlvr2", "itm", "mlm", "contrastive"]
+
 _HEAD_MODULES = (
     "mlm_head",
     "itm_head",
@@ -655,24 +672,77 @@ class VLMo(nn.Module):
         return text_mask.to(self.input_device).bool()
 
     def forward(
-        self, text_ids: Tensor, text_mask: Tensor | None, image: Tensor, *, image_token_type: int = 1
-    ) -> VLMoFusionOutput:
-        """Fusion pass over ``[text ; image]`` (the reference's ``infer``).
+        self,
+        text_ids: Tensor | None,
+        text_mask: Tensor | None,
+        image: Tensor | None,
+        *,
+        image_token_type: int = 1,
+        head: ForwardHead | None = None,
+        image_1: Tensor | None = None,
+    ) -> VLMoFusionOutput | VLMoDualOutput | Tensor:
+        """Fusion pass over ``[text ; image]`` (the reference's ``infer``), or a task head on top of it.
 
         Lower blocks send text tokens through the language expert and image tokens through the vision
         expert; blocks from ``vlffn_start_layer`` up send all tokens through the VL expert. The text/image
         split is at the given text length: text padded to ``max_text_len`` with masked pads (what the
         reference requires) gives the same features for the real tokens as unpadded text.
 
+        ``head`` selects what is returned. Every training path is reachable through this one call, because
+        wrappers such as FSDP gather parameters only inside ``__call__`` of the root module:
+
+        * None: the :class:`VLMoFusionOutput`;
+        * "vqa": (B, vqa_num_labels) answer logits from the pooled CLS feature;
+        * "itm": (B, 2) image-text matching logits (index 1 = match);
+        * "mlm": (B, L, vocab_size) masked-language-model logits on the fused text features (VL pretraining);
+        * "nlvr2": (B, 2) logits (index 1 = "True") from the fusions of ``image`` (token type 1) and
+          ``image_1`` (token type 2) with the same text;
+        * "contrastive": a :class:`VLMoDualOutput` — the text-only and image-only passes (dual encoder, the
+          reference's ``infer_text_ft``/``infer_image_ft``) and the logit scale; either input may be None
+          (e.g. to encode a retrieval gallery), its pass is then skipped.
+
         Args:
-            text_ids: (B, L) WordPiece ids, ``[CLS] ... [SEP] [PAD]...``, L <= max_text_len.
+            text_ids: (B, L) WordPiece ids, ``[CLS] ... [SEP] [PAD]...``, L <= max_text_len (None only for
+                ``head="contrastive"``).
             text_mask: (B, L) 1 = real token, 0 = padding (None = all real).
-            image: (B, 3, S, S) normalised pixels, S = ``config.image_size``.
+            image: (B, 3, S, S) normalised pixels, S = ``config.image_size`` (None only for
+                ``head="contrastive"``).
             image_token_type: modality embedding row of the image (1; NLVR2 uses 2 for its second image).
+            head: see above.
+            image_1: the second image, for ``head="nlvr2"`` only.
 
         Returns:
-            :class:`VLMoFusionOutput` on the last device.
+            See ``head``; on the last device.
         """
+        if (image_1 is not None) != (head == "nlvr2"):
+            raise VLMoInputError('image_1 is given exactly when head="nlvr2"')
+        if head == "contrastive":
+            self._head("itc_text_proj")
+            if text_ids is None and image is None:
+                raise VLMoInputError('head="contrastive" needs text_ids, image or both')
+            text = self.encode_text(text_ids, text_mask) if text_ids is not None else None
+            img = self.encode_image(image, image_token_type=image_token_type) if image is not None else None
+            return VLMoDualOutput(text=text, image=img, logit_scale=self.logit_scale)
+        if text_ids is None or image is None:
+            raise VLMoInputError(f"the fusion pass (head={head!r}) needs both text_ids and image")
+        if head is None:
+            return self._fuse(text_ids, text_mask, image, image_token_type)
+        if head == "vqa":
+            return self._head("vqa_head")(self._fuse(text_ids, text_mask, image, image_token_type).cls_feats)
+        if head == "itm":
+            return self._head("itm_head")(self._fuse(text_ids, text_mask, image, image_token_type).cls_feats)
+        if head == "mlm":
+            return self._head("mlm_head")(self._fuse(text_ids, text_mask, image, image_token_type).text_feats)
+        if head == "nlvr2":
+            classifier = self._head("nlvr2_head")
+            first = self._fuse(text_ids, text_mask, image, 1).cls_feats
+            second = self._fuse(text_ids, text_mask, image_1, 2).cls_feats
+            return classifier(torch.cat([first, second], dim=-1))
+        raise VLMoInputError(f"unknown head {head!r}; choose one of vqa, itm, mlm, nlvr2, contrastive")
+
+    def _fuse(
+        self, text_ids: Tensor, text_mask: Tensor | None, image: Tensor, image_token_type: int
+    ) -> VLMoFusionOutput:
         text = self.embed_text(text_ids)  # (B, L, H)
         img = self.embed_image(image, image_token_type)  # (B, 1 + P*P, H)
         if text.shape[0] != img.shape[0]:
@@ -760,15 +830,12 @@ class VLMo(nn.Module):
         return head
 
     def vqa_logits(self, text_ids: Tensor, text_mask: Tensor | None, image: Tensor) -> Tensor:
-        """(B, vqa_num_labels) answer logits from the fusion CLS feature."""
-        return self._head("vqa_head")(self(text_ids, text_mask, image).cls_feats)
+        """(B, vqa_num_labels) answer logits from the fusion CLS feature (``self(..., head="vqa")``)."""
+        return self(text_ids, text_mask, image, head="vqa")
 
     def nlvr2_logits(self, text_ids: Tensor, text_mask: Tensor | None, image_0: Tensor, image_1: Tensor) -> Tensor:
         """(B, 2) logits (index 1 = "True") from the fusion CLS features of both images (token types 1 and 2)."""
-        head = self._head("nlvr2_head")
-        first = self(text_ids, text_mask, image_0, image_token_type=1).cls_feats
-        second = self(text_ids, text_mask, image_1, image_token_type=2).cls_feats
-        return head(torch.cat([first, second], dim=-1))
+        return self(text_ids, text_mask, image_0, head="nlvr2", image_1=image_1)
 
     def itm_logits(self, cls_feats: Tensor) -> Tensor:
         """(B, 2) image-text matching logits (index 1 = match) from fusion ``cls_feats`` (B, H)."""

@@ -31,6 +31,9 @@ TASKS: dict[str, TaskEntry] = {
     "caption_ft": TaskEntry("vlkit.tasks.stage2", "CaptionFTConfig"),
     "vqa_ft": TaskEntry("vlkit.tasks.stage2", "VqaFTConfig"),
     "instruct_tune": TaskEntry("vlkit.tasks.instruct", "InstructConfig"),
+    "vlmo_vqa": TaskEntry("vlkit.tasks.vlmo", "VLMoVQAConfig"),
+    "vlmo_retrieval": TaskEntry("vlkit.tasks.vlmo", "VLMoRetrievalConfig"),
+    "vlmo_nlvr2": TaskEntry("vlkit.tasks.vlmo", "VLMoNLVR2Config"),
 }
 
 

@@ -40,7 +40,13 @@ def is_no_decay(name: str, param: torch.Tensor, rule: str) -> bool:
     if rule == "blip2":
         return param.ndim == 1 or name.endswith(".bias")
     if rule == "vlmo":
-        return any(token in name for token in VLMO_NO_DECAY)
+        # The rule is a substring match on the reference's parameter names, so a vlkit VLMo parameter is
+        # judged by its unilm name (vlkit's ``vqa_head.norm.weight`` is unilm's ``vqa_classifier.1.weight``,
+        # which the reference decays).
+        from vlkit.checkpoints.unilm import unilm_key
+
+        reference = unilm_key(name) or name
+        return any(token in reference for token in VLMO_NO_DECAY)
     if rule == "ndim<2":
         return param.ndim < 2 or name.endswith(".bias")
     raise ConfigError(f"optim.no_decay: unknown rule {rule!r}")

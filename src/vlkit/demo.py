@@ -83,7 +83,7 @@ CHECKS: tuple[Check, ...] = (
     Check("caption CIDEr", "blip2", "caption", "CIDEr", 1.2, ("--metrics", "Bleu_4,ROUGE_L,CIDEr")),
     Check("zero-shot VQA accuracy (%)", "blip2", "vqa", "overall", 75.0),
     Check("InstructBLIP VQA accuracy (%)", "instructblip", "vqa", "overall", 75.0),
-    Check("VLMo VQA accuracy (%)", "vlmo", "vqa", "overall", 80.0),
+    Check("VLMo VQA accuracy (%)", "vlmo", "vqa", "vqa_accuracy", 80.0),
 )
 
 

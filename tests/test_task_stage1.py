@@ -9,6 +9,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from vlkit import losses
+from vlkit.checkpoints.folder import load_checkpoint as load_checkpoint_folder
 from vlkit.checkpoints.folder import load_model
 from vlkit.data import generate_shapes_world
 from vlkit.data.tokenizers import train_wordpiece
@@ -176,6 +177,10 @@ def test_train_evaluate_export_and_resume(world, tmp_path):
         torch.testing.assert_close(model.state_dict()[key.removeprefix("blip2.")], value, rtol=0, atol=0)
     tok = QFormerTokenizer(result.exported)
     assert tok.vocab_size == model.config.qformer.vocab_size
+    # load_checkpoint (vlkit eval, vlkit.load) finds the same tokenizer in qformer_tokenizer/
+    loaded = load_checkpoint_folder(result.exported)
+    assert loaded.qformer_tokenizer is not None
+    assert loaded.qformer_tokenizer(["a large blue circle"])[0].tolist() == tok(["a large blue circle"])[0].tolist()
 
     # continuing from the step-2 checkpoint reproduces steps 3 and 4 exactly
     step2 = tmp_path / "a" / "checkpoints" / "step-00000002"

@@ -456,7 +456,9 @@ def build(cfg: Stage1Config, ctx: TaskContext) -> TaskState:
         fresh = Blip2(config, device="meta")
         weights = {k.removeprefix("blip2."): v for k, v in state_dict.items()}
         fresh.load_state_dict(weights, strict=True, assign=True)
-        save_pretrained(fresh, folder, preset=cfg.model, source="vlkit train stage1")
+        # qformer_tokenizer/ is where load_checkpoint (vlkit eval, vlkit.load) looks; the copy at the top
+        # level is what task.tokenizer / a later task.init resolve to.
+        save_pretrained(fresh, folder, preset=cfg.model, source="vlkit train stage1", qformer_tokenizer=tokenizer)
         tokenizer.save(folder)
 
     return TaskState(

@@ -186,6 +186,9 @@ def test_stage2_overfits_with_the_vit_and_llm_frozen(world, models, tmp_path, fa
     stage1 = load_checkpoint(models["stage1"]).model.state_dict()
     for key in ("qformer.layers.0.self_attn.query.weight", "query_tokens", "ln_vision.weight", "vision.pos_embed"):
         torch.testing.assert_close(blip2.state_dict()[key], stage1[key], rtol=0, atol=0)
+    # the task itself freezes the LLM and the ViT (not only the trainer's `frozen` list)
+    assert not any(p.requires_grad for p in [*blip2.llm.parameters(), *blip2.vision.parameters()])
+    assert all(p.requires_grad for p in [*blip2.qformer.parameters(), *blip2.language_projection.parameters()])
     llm_before = {k: v.clone() for k, v in blip2.llm.state_dict().items()}
     vit_before = {k: v.clone() for k, v in blip2.vision.state_dict().items()}
     proj_before = blip2.language_projection.weight.detach().clone()

@@ -281,6 +281,20 @@ def test_stage2_trains_evaluates_exports_and_resumes(world, models, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in rows[2:]]
 
 
+def test_freeze_qformer_keeps_the_stage1_retrieval_path(world, models, tmp_path):
+    task = stage2_task(models, keep_stage1=True, freeze_qformer=True)
+    state = build(world, tmp_path / "state", task)
+    assert state.frozen == ("blip2.llm", "blip2.vision", "blip2.qformer", "blip2.ln_vision")
+    trainable = {n for n, p in state.model.named_parameters() if p.requires_grad}
+    assert trainable == {"blip2.language_projection.weight", "blip2.language_projection.bias"}
+    result = train(make_recipe(world, task, lr=3e-3), output_dir=tmp_path / "run")
+    exported = load_checkpoint(result.exported).model.state_dict()
+    stage1 = load_checkpoint(models["stage1"]).model.state_dict()
+    for key, value in stage1.items():  # the whole stage-1 model, query tokens included, is unchanged
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)
+    assert set(exported) - set(stage1) == {k for k in exported if k.startswith(("llm.", "language_projection."))}
+
+
 def test_feature_cache_gives_the_same_losses(world, models, tmp_path):
     plain = train(make_recipe(world, stage2_task(models)), output_dir=tmp_path / "plain")
     cached_task = stage2_task(models, feature_cache=str(tmp_path / "cache"))

@@ -186,6 +186,9 @@ def test_stage2_overfits_with_the_vit_and_llm_frozen(world, models, tmp_path, fa
     stage1 = load_checkpoint(models["stage1"]).model.state_dict()
     for key in ("qformer.layers.0.self_attn.query.weight", "query_tokens", "ln_vision.weight", "vision.pos_embed"):
         torch.testing.assert_close(blip2.state_dict()[key], stage1[key], rtol=0, atol=0)
+    # the task itself freezes the LLM and the ViT (not only the trainer's `frozen` list)
+    assert not any(p.requires_grad for p in [*blip2.llm.parameters(), *blip2.vision.parameters()])
+    assert all(p.requires_grad for p in [*blip2.qformer.parameters(), *blip2.language_projection.parameters()])
     llm_before = {k: v.clone() for k, v in blip2.llm.state_dict().items()}
     vit_before = {k: v.clone() for k, v in blip2.vision.state_dict().items()}
     proj_before = blip2.language_projection.weight.detach().clone()
@@ -276,6 +279,20 @@ def test_stage2_trains_evaluates_exports_and_resumes(world, models, tmp_path):
     resumed = read_jsonl(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in rows[2:]]
+
+
+def test_freeze_qformer_keeps_the_stage1_retrieval_path(world, models, tmp_path):
+    task = stage2_task(models, keep_stage1=True, freeze_qformer=True)
+    state = build(world, tmp_path / "state", task)
+    assert state.frozen == ("blip2.llm", "blip2.vision", "blip2.qformer", "blip2.ln_vision")
+    trainable = {n for n, p in state.model.named_parameters() if p.requires_grad}
+    assert trainable == {"blip2.language_projection.weight", "blip2.language_projection.bias"}
+    result = train(make_recipe(world, task, lr=3e-3), output_dir=tmp_path / "run")
+    exported = load_checkpoint(result.exported).model.state_dict()
+    stage1 = load_checkpoint(models["stage1"]).model.state_dict()
+    for key, value in stage1.items():  # the whole stage-1 model, query tokens included, is unchanged
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)
+    assert set(exported) - set(stage1) == {k for k in exported if k.startswith(("llm.", "language_projection."))}
 
 
 def test_feature_cache_gives_the_same_losses(world, models, tmp_path):

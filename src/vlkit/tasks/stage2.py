@@ -304,13 +304,19 @@ class Stage2Config(LMTaskConfig):
     Attributes:
         keep_stage1: carry the stage-1 ITC/ITM heads, MLM head and Q-Former text parts into the exported model
             unchanged (never trained here, not in training checkpoints): a full BLIP-2 for retrieval,
-            classification, captioning and VQA. The shared Q-Former layers are still trained by the LM loss.
+            classification, captioning and VQA. The shared Q-Former layers are still trained by the LM loss
+            unless ``freeze_qformer``.
+        freeze_qformer: keep the stage-1 Q-Former, query tokens and ``ln_vision`` frozen and train only the
+            projection: with ``keep_stage1`` the export then retrieves and classifies exactly as the stage-1
+            model (the ITC/ITM heads only fit the Q-Former they were trained with; a Q-Former trained by the
+            LM loss loses them).
         prefix_lm: encoder-decoder LLMs: split each caption at a random word into an encoder prefix and a
             decoder target (the paper's prefix-LM objective; the LAVIS datasets feed the whole caption as the
             target after the model prompt, the default).
     """
 
     keep_stage1: bool = False
+    freeze_qformer: bool = False
     prefix_lm: bool = False
 
 
@@ -1101,6 +1107,7 @@ def build_task(
     caption_prefix: str = "",
     prefix_lm: bool = False,
     default_join: Literal["pack", "space"] | None = None,
+    frozen_parts: Sequence[str] = (),
 ) -> TaskState:
     """The :class:`TaskState` of an LLM task around an assembled model (shared by every LLM task).
 
@@ -1110,6 +1117,8 @@ def build_task(
         caption_prefix: prepended to plain captions (``caption_ft``).
         prefix_lm: random prefix/suffix split of plain captions for encoder-decoder LLMs.
         default_join: what ``join: auto`` means (None: ``pack`` for models that were InstructBLIP before).
+        frozen_parts: further parts of the BLIP-2 to freeze: submodules (e.g. ``"qformer"``, ``"ln_vision"``)
+            or ``"query_tokens"``.
     """
     blip2 = assembled.model
     _with_lm_overrides(blip2, cfg)
@@ -1122,6 +1131,11 @@ def build_task(
         )
     blip2.freeze_llm(True)
     blip2.freeze_vision(cfg.freeze_vision)
+    for name in frozen_parts:
+        if name == "query_tokens":
+            _constant_query_tokens(blip2)
+        else:
+            blip2.get_submodule(name).requires_grad_(False)
     blip2.train()
     processor = LLMProcessor(config, assembled.llm_tokenizer, assembled.qformer_tokenizer)
     join: Literal["pack", "space"]
@@ -1194,7 +1208,11 @@ def build_task(
         train_dataset=train_dataset,
         training_step=training_step,
         collate_fn=_collate(processor, join, prefix_lm, field_name),
-        frozen=("blip2.llm", *(("blip2.vision",) if cfg.freeze_vision else ())),
+        frozen=(
+            "blip2.llm",
+            *(("blip2.vision",) if cfg.freeze_vision else ()),
+            *(f"blip2.{n}" for n in frozen_parts if n != "query_tokens"),
+        ),
         layer_id=vit_layer_id("blip2.vision.", depth),
         num_layers=depth + 1,
         evaluate=evaluate,
@@ -1207,13 +1225,22 @@ def build_task(
     )
 
 
+def _constant_query_tokens(blip2: Blip2) -> None:
+    """Turn the query tokens into a buffer: never trained, still in the state dict (and the export) under the
+    same name. (The trainer freezes submodules; the query tokens are a bare parameter of the model.)"""
+    tokens = blip2.query_tokens.detach()
+    del blip2.query_tokens
+    blip2.register_buffer("query_tokens", tokens)
+
+
 def build(cfg: LMTaskConfig, ctx: TaskContext) -> TaskState:
     """Build ``stage2``, ``caption_ft`` or ``vqa_ft`` (chosen by the config's type; see :mod:`vlkit.training.task`)."""
     if isinstance(cfg, Stage2Config):
         if cfg.image_size is not None:
             raise ConfigError("task.image_size: stage 2 trains at the stage-1 image size (see caption_ft)")
         assembled = assemble_stage2(cfg, instruction=False, keep_stage1=cfg.keep_stage1)
-        return build_task(cfg, ctx, assembled, task="stage2", prefix_lm=cfg.prefix_lm)
+        frozen = ("qformer", "ln_vision", "query_tokens") if cfg.freeze_qformer else ()
+        return build_task(cfg, ctx, assembled, task="stage2", prefix_lm=cfg.prefix_lm, frozen_parts=frozen)
     if isinstance(cfg, CaptionFTConfig):
         assembled = assemble_finetune(cfg)
         lm = assembled.model.config.lm

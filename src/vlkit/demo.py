@@ -94,22 +94,25 @@ class Stage:
     Attributes:
         name: the run folder under ``OUT/runs``.
         recipe: the recipe file in the recipes folder.
+        after: the stages whose exported models this one starts from.
         quick: overrides of the reduced (CI) pipeline, on top of ``run.max_steps``.
     """
 
     name: str
     recipe: str
+    after: tuple[str, ...] = ()
     quick: tuple[str, ...] = ()
 
 
+#: The pipeline, longest-first among stages that can start together (the scheduler keeps this order).
 STAGES: tuple[Stage, ...] = (
+    Stage("stage1", "stage1.yaml"),
+    Stage("vlmo_pretrain", "vlmo_pretrain.yaml"),
     Stage("lm_opt", "lm_opt.yaml"),
     Stage("lm_llama", "lm_llama.yaml"),
-    Stage("stage1", "stage1.yaml"),
-    Stage("stage2", "stage2.yaml"),
-    Stage("instruct", "instruct.yaml"),
-    Stage("vlmo_pretrain", "vlmo_pretrain.yaml"),
-    Stage("vlmo", "vlmo_vqa.yaml"),
+    Stage("stage2", "stage2.yaml", after=("stage1", "lm_opt")),
+    Stage("instruct", "instruct.yaml", after=("stage1", "lm_llama")),
+    Stage("vlmo", "vlmo_vqa.yaml", after=("vlmo_pretrain",)),
 )
 
 #: Which run's exported model plays each demo role.
@@ -523,6 +526,7 @@ def retrain(
     quick: bool = False,
     train_images: int | None = None,
     extra_overrides: Sequence[str] = (),
+    jobs: int = 2,
     echo: Callable[[str], None] = print,
 ) -> RetrainResult:
     """Run the whole shapes pipeline from scratch into ``out`` (``data/``, ``runs/``).
@@ -534,13 +538,13 @@ def retrain(
             run end to end, not that they learn.
         train_images: train images of the world (default :data:`TRAIN_IMAGES`, or the quick size).
         extra_overrides: ``--set`` overrides for every stage.
+        jobs: stages trained at the same time (each a ``vlkit train`` process; see :func:`run_stages`).
         echo: where progress lines go.
 
     Returns:
         The exported model folder of each demo role and the wall time of every step.
     """
     from vlkit.data.tokenizers import build_shapes_tokenizers
-    from vlkit.training.loop import train
     from vlkit.training.recipe import load_recipe
 
     recipes = Path(recipes) if recipes is not None else recipes_dir()
@@ -567,22 +571,90 @@ def retrain(
     seconds["tokenizers"] = time.perf_counter() - t
     echo(f"[tokenizers] {data / 'tokenizers'} ({seconds['tokenizers']:.0f} s)")
 
+    commands = {}
     for stage in STAGES:
-        t = time.perf_counter()
         overrides = [f"task.data_root={data}", *_models_root(recipes / stage.recipe, runs), *extra_overrides]
         if quick:
             overrides += [f"run.max_steps={QUICK_STEPS}", *stage.quick]
-        recipe = load_recipe(recipes / stage.recipe, overrides)
-        echo(f"[{stage.name}] vlkit train {recipes / stage.recipe} --output {runs / stage.name}")
-        train(recipe, output_dir=runs / stage.name)
-        seconds[stage.name] = time.perf_counter() - t
-        echo(f"[{stage.name}] done in {seconds[stage.name]:.0f} s")
+        load_recipe(recipes / stage.recipe, overrides)  # every recipe is checked before anything trains
+        commands[stage.name] = ["train", str(recipes / stage.recipe), "--output", str(runs / stage.name)] + [
+            arg for override in overrides for arg in ("--set", override)
+        ]
+    seconds.update(run_stages(commands, runs, jobs=jobs, echo=echo))
     models = {role: runs / run / "model" for role, run in ROLE_RUNS.items()}
     for role, folder in models.items():
         if not (folder / "config.yaml").is_file():
             raise DataError(f"the pipeline exported no {role} model at {folder}")
     seconds["total"] = sum(seconds.values())
     return RetrainResult(models, seconds)
+
+
+def run_stages(
+    commands: dict[str, list[str]], runs: Path, *, jobs: int = 2, echo: Callable[[str], None] = print
+) -> dict[str, float]:
+    """Run the ``vlkit train`` command of every stage as its own process, up to ``jobs`` at a time, each
+    starting once the stages it comes ``after`` have finished (in :data:`STAGES` order).
+
+    The models are small, so two single-threaded processes use two cores far better than one process with two
+    threads; each process gets ``OMP_NUM_THREADS = cores // jobs``. Output goes to ``runs/NAME.log``.
+
+    Returns:
+        The wall time of each stage.
+
+    Raises:
+        DataError: a stage failed (its log's last lines are in the message); the others are stopped.
+    """
+    import subprocess
+    import sys
+
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    runs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[1])  # vlkit importable in the children, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    stages = [stage for stage in STAGES if stage.name in commands]
+    pending = list(stages)
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    done: set[str] = set()
+    seconds: dict[str, float] = {}
+    try:
+        while pending or running:
+            for stage in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(dep in done or dep not in commands for dep in stage.after):
+                    pending.remove(stage)
+                    log = open(runs / f"{stage.name}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+                    echo(f"[{stage.name}] vlkit {' '.join(commands[stage.name][:4])} (log {runs / stage.name}.log)")
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "vlkit", *commands[stage.name]],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                    running[stage.name] = (process, time.perf_counter(), log)
+            if not running:
+                raise DataError(f"stages {[s.name for s in pending]} wait for stages that never ran")
+            time.sleep(0.2)
+            for name, (process, start, log) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                seconds[name] = time.perf_counter() - start
+                if process.returncode != 0:
+                    tail = (runs / f"{name}.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+                    raise DataError(f"stage {name} failed (exit {process.returncode}):\n" + "\n".join(tail))
+                done.add(name)
+                echo(f"[{name}] done in {seconds[name]:.0f} s")
+    finally:
+        for process, _, log in running.values():
+            process.kill()
+            process.wait()
+            log.close()
+    return seconds
 
 
 def _models_root(recipe: Path, runs: Path) -> list[str]:

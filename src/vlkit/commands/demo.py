@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="--retrain: the reduced pipeline (a few steps per stage)")
     p.add_argument("--recipes", metavar="DIR", help="--retrain: the shapes recipes (default: configs/shapes)")
     p.add_argument("--train-images", type=int, metavar="N", help="--retrain: train images of the world")
+    p.add_argument("--jobs", type=int, default=2, metavar="N", help="--retrain: stages trained at once (default 2)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -73,6 +74,7 @@ def main(argv: list[str]) -> int:
         quick=args.quick,
         train_images=args.train_images,
         extra_overrides=args.overrides,
+        jobs=args.jobs,
     )
     print(
         f"pipeline trained in {time.perf_counter() - start:.0f} s: "

@@ -77,6 +77,37 @@ def test_texts_are_formatted_like_the_later_stages(world, tmp_path):
     assert len(texts) == 6 * 5 + len(qa) + 6 * 3  # captions, questions, instruction records
 
 
+def test_context_copies_put_captions_of_the_same_image_before_questions(world, tmp_path):
+    import json
+
+    from vlkit.processors import blip_caption, blip_question
+
+    template = "{data_subtype}/shapes_{data_subtype}_{image_id:06d}.png"
+    train = task_data(world)["train"]
+    train["vqa"][0]["image_template"] = template
+    texts = build(world, tmp_path, train=train, context_copies=2).train_dataset.texts
+    plain = build(world, tmp_path).train_dataset.texts
+    captions: dict[str, set[str]] = {}
+    for entry in json.loads((world / "annotations" / "coco_karpathy_train.json").read_text()):
+        captions.setdefault(entry["image"], set()).add(blip_caption(entry["caption"]))
+    questions = json.loads((world / "vqa" / "v2_OpenEnded_shapes_train_questions.json").read_text())["questions"]
+    assert len(texts) == len(plain) + 2 * (len(questions) + 6 * 3)  # each question and instruction twice more
+    images_of: dict[str, set[str]] = {}
+    for q in questions:
+        image = template.format(data_subtype="train", image_id=q["image_id"])
+        images_of.setdefault(blip_question(q["question"]), set()).add(image)
+    with_context = [t for t in texts if " Question: " in t]
+    assert len(with_context) == 2 * len(questions)
+    for text in with_context:
+        context, rest = text.split(" Question: ", 1)
+        question = rest.split(" Short answer: ")[0]
+        assert any(context in captions[image] for image in images_of[question]), text
+    with pytest.raises(ConfigError, match="image_template"):
+        recipe(world, context_copies=1)
+    with pytest.raises(ConfigError, match="context_copies must be >= 0"):
+        recipe(world, context_copies=-1)
+
+
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_batches_and_overfit(world, tmp_path, arch):
     extra = {"bos_token": "</s>"} if arch == "llama" else {}

@@ -78,8 +78,8 @@ class Check:
     args: tuple[str, ...] = ()
 
 
-#: Guards below a floor: the bundled models' values on the test split (classification 68.0, CIDEr 0.913, VQA
-#: 30.0 / 40.1 / 42.7) less about 10-15 % (see configs/shapes/README.md); those floors are open targets.
+#: Guards below a floor: the bundled models' values on the test split (classification 68.0, VQA 43.8 / 45.1 /
+#: 42.7) less about 10-15 % (see configs/shapes/README.md); those floors are open targets.
 CHECKS: tuple[Check, ...] = (
     Check(
         "zero-shot classification top-1 (%)",
@@ -92,9 +92,9 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check("retrieval TR@1", "blip2", "retrieval", "txt_r1", 60.0, 60.0),
     Check("retrieval IR@1", "blip2", "retrieval", "img_r1", 50.0, 50.0),
-    Check("caption CIDEr", "blip2", "caption", "CIDEr", 1.2, 0.8, ("--metrics", "Bleu_4,ROUGE_L,CIDEr")),
-    Check("zero-shot VQA accuracy (%)", "blip2", "vqa", "overall", 75.0, 25.0),
-    Check("InstructBLIP VQA accuracy (%)", "instructblip", "vqa", "overall", 75.0, 34.0),
+    Check("caption CIDEr", "blip2", "caption", "CIDEr", 1.2, 1.2, ("--metrics", "Bleu_4,ROUGE_L,CIDEr")),
+    Check("zero-shot VQA accuracy (%)", "blip2", "vqa", "overall", 75.0, 38.0),
+    Check("InstructBLIP VQA accuracy (%)", "instructblip", "vqa", "overall", 75.0, 39.0),
     Check("VLMo VQA accuracy (%)", "vlmo", "vqa", "vqa_accuracy", 80.0, 36.0),
 )
 
@@ -701,6 +701,9 @@ def install_bundle(models: dict[str, Path], *, assets: Path | None = None) -> di
         shutil.copytree(folder, tmp)
         for path in tmp.rglob("*"):  # exports are written private (mkstemp); package data is for everyone
             path.chmod(0o755 if path.is_dir() else 0o644)
+        config = tmp / "config.yaml"  # provenance paths of this machine's pipeline folder read OUT/... instead
+        pipeline_root = str(Path(folder).resolve().parents[2])
+        config.write_text(config.read_text(encoding="utf-8").replace(pipeline_root, "OUT"), encoding="utf-8")
         tmp.chmod(0o755)
         if target.exists():
             shutil.rmtree(target)

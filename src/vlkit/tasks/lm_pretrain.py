@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,16 @@ class LMArchitecture:
 
 @dataclass
 class VqaFiles:
-    """A VQAv2 questions file and its annotations file."""
+    """A VQAv2 questions file and its annotations file.
+
+    Attributes:
+        image_template: the image path of a question (``{image_id}``, ``{data_subtype}``), as the caption files
+            name it: needed by ``context_copies`` to find the image's captions.
+    """
 
     questions: Path
     annotations: Path
+    image_template: str | None = None
 
 
 @dataclass
@@ -112,6 +119,10 @@ class LMPretrainConfig:
             ``"</s>"``); None keeps the tokenizer's.
         max_len: tokens per text including BOS (longer texts are truncated on the right).
         val_batch_size: texts per evaluation batch.
+        context_copies: each VQA and instruction text is also written this many times after one of its image's
+            captions (drawn with a fixed seed): ``"{caption} Question: ... Short answer: ..."``. In BLIP-2 the
+            visual prefix stands before the question; an LM that only ever saw questions at the start of a text
+            does not learn to read the answer off what precedes them (shapes world: InstructBLIP VQA 35 -> 51 %).
     """
 
     arch: Literal["opt", "llama"] = "opt"
@@ -127,8 +138,15 @@ class LMPretrainConfig:
     bos_token: str | None = None
     max_len: int = 64
     val_batch_size: int = 128
+    context_copies: int = 0
 
     def __post_init__(self) -> None:
+        if self.context_copies < 0:
+            raise ConfigError(f"task.context_copies must be >= 0, got {self.context_copies}")
+        if self.context_copies and not self.train.captions:
+            raise ConfigError("task.context_copies: the captions that give the context come from train.captions")
+        if self.context_copies and any(pair.image_template is None for pair in self.train.vqa):
+            raise ConfigError("task.context_copies: every train.vqa entry needs image_template to find its captions")
         if self.tokenizer is None:
             raise ConfigError("task.tokenizer: give a tokenizer folder (e.g. from `vlkit data tokenizers`)")
         if not (self.train.captions or self.train.vqa or self.train.instructions):
@@ -152,10 +170,12 @@ class LMPretrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_texts(data: TextData, cfg: LMPretrainConfig) -> list[str]:
-    """Every training string of ``data``, formatted with the templates and ``end`` appended."""
+def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0) -> list[str]:
+    """Every training string of ``data``, formatted with the templates and ``end`` appended; with
+    ``context_copies``, VQA and instruction texts also after captions of their image (see the config)."""
     root = cfg.data_root
     out: list[str] = []
+    by_image: dict[str, list[str]] = {}
     for path in data.captions:
         for index, entry in enumerate(_json_list(resolve_path(path, root))):
             caption = entry.get("caption") if isinstance(entry, dict) else None
@@ -163,15 +183,33 @@ def read_texts(data: TextData, cfg: LMPretrainConfig) -> list[str]:
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise DataError(f"{path}: entry {index} has no caption string or list")
             out += [cfg.caption_template.format(caption=blip_caption(c)) for c in captions]
+            if isinstance(entry.get("image"), str):
+                by_image.setdefault(entry["image"], []).extend(blip_caption(c) for c in captions)
+    rng = random.Random(0)
+
+    def with_context(text: str, image: Any, where: str) -> list[str]:
+        if not context_copies:
+            return [text]
+        captions = by_image.get(image) if isinstance(image, str) else None
+        if not captions:
+            raise DataError(f"{where}: image {image!r} has no caption in train.captions (context_copies)")
+        return [text] + [f"{rng.choice(captions)} {text}" for _ in range(context_copies)]
+
     for pair in data.vqa:
         q_path, a_path = resolve_path(pair.questions, root), resolve_path(pair.annotations, root)
-        questions = {q["question_id"]: q["question"] for q in _field_list(q_path, "questions")}
+        document = read_json(q_path)
+        subtype = document.get("data_subtype", "") if isinstance(document, dict) else ""
+        questions = {q["question_id"]: q for q in _field_list(q_path, "questions")}
         for ann in _field_list(a_path, "annotations"):
             qid = ann.get("question_id")
             if qid not in questions or not isinstance(ann.get("multiple_choice_answer"), str):
                 raise DataError(f"{a_path}: annotation of question {qid!r} has no question or answer")
-            question = blip_question(questions[qid])
-            out.append(cfg.vqa_template.format(question=question, answer=ann["multiple_choice_answer"]))
+            question = blip_question(questions[qid]["question"])
+            text = cfg.vqa_template.format(question=question, answer=ann["multiple_choice_answer"])
+            image = None
+            if pair.image_template is not None:
+                image = pair.image_template.format(image_id=questions[qid].get("image_id"), data_subtype=subtype)
+            out += with_context(text, image, f"{q_path}: question {qid}")
     for path in data.instructions:
         path = resolve_path(path, root)
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -182,9 +220,10 @@ def read_texts(data: TextData, cfg: LMPretrainConfig) -> list[str]:
                 instruction, response = record["instruction"], record["response"]
             except (ValueError, KeyError, TypeError) as err:
                 raise DataError(f"{path}: line {number}: not an instruction record ({err})") from None
-            out.append(
-                cfg.instruction_template.format(instruction=blip_question(instruction), response=blip_caption(response))
+            text = cfg.instruction_template.format(
+                instruction=blip_question(instruction), response=blip_caption(response)
             )
+            out += with_context(text, record.get("image"), f"{path}: line {number}")
     if not out:
         raise DataError("lm_pretrain: the text files hold no text")
     return [text + cfg.end for text in out]
@@ -322,7 +361,7 @@ def build(cfg: LMPretrainConfig, ctx: TaskContext) -> TaskState:
     if tokenizer.bos_token_id is None:
         raise ConfigError("task.tokenizer: the tokenizer has no BOS token")
     model = build_lm(cfg, tokenizer)
-    texts = read_texts(cfg.train, cfg)
+    texts = read_texts(cfg.train, cfg, context_copies=cfg.context_copies)
     batcher = LMBatcher(tokenizer, cfg.max_len, cfg.bos_token)
     info = {
         "tokenizer": f"{resolve_path(cfg.tokenizer, cfg.data_root)} ({len(tokenizer)} tokens)",

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -426,19 +427,21 @@ def draw_grid(shown: Showcase, path: Path, *, cell: int = 192, columns: int = 4)
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    lines_per_cell = 3 + len(shown.answers)
+    chars = max(8, cell // 6)
+    lines_per_cell = 4 + len(shown.answers)  # caption (two lines), question, truth, one line per model
     line_height = 12
     text_height = lines_per_cell * line_height + 6
     rows = (len(shown.images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * cell, rows * (cell + text_height)), "white")
     draw = ImageDraw.Draw(grid)
-    chars = max(8, cell // 6)
     for i, image_path in enumerate(shown.images):
         x, y = (i % columns) * cell, (i // columns) * (cell + text_height)
         with Image.open(image_path) as image:
             grid.paste(image.convert("RGB").resize((cell - 8, cell - 8), Image.NEAREST), (x + 4, y + 4))
+        caption = textwrap.wrap(shown.captions[i], chars)[:2] or [""]
         text = [
-            shown.captions[i][:chars],
+            *caption,
+            *([""] if len(caption) == 1 else []),
             f"Q: {shown.questions[i]}"[:chars],
             f"truth: {shown.truths[i]}"[:chars],
             *(

@@ -551,3 +551,14 @@ def test_a_cuda_run_agrees_with_the_cpu_run(capsys, tmp_path, task, tiny_stage1_
                 np.testing.assert_allclose(
                     np.load(tmp_path / "cuda" / name), np.load(tmp_path / "cpu" / name), atol=1e-3
                 )
+
+
+def test_bundled_model_names_work_as_model(capsys, tmp_path, world):
+    rc, stdout, _ = run(
+        capsys, "classification", "--model", "shapes-blip2", "--data", world.root, "--template", "a {}",
+        "--output", tmp_path / "out",
+    )  # fmt: skip
+    assert rc == 0 and "top1" in stdout
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["model"].endswith("shapes-blip2")
+    rc, _, stderr = run(capsys, "vqa", "--model", "no-such-model", "--data", world.root)
+    assert rc == 2 and "not a model name" in stderr and "shapes-blip2" in stderr

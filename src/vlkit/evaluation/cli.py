@@ -75,7 +75,12 @@ _TASK_KINDS = {
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("model and data")
-    g.add_argument("--model", required=True, metavar="PATH", help="vlkit folder, transformers folder or LAVIS .pth")
+    g.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="vlkit folder, transformers folder, LAVIS .pth, unilm .pt, or a bundled model name (shapes-blip2, ...)",
+    )
     g.add_argument(
         "--data",
         metavar="PATH",
@@ -847,6 +852,14 @@ def evaluate(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not Path(args.model).exists():  # a model name (`vlkit models`): the bundled folder, or how to convert
+        from vlkit.api import resolve_model
+        from vlkit.errors import CheckpointError
+
+        try:
+            args.model = str(resolve_model(args.model))
+        except CheckpointError as err:
+            raise CheckpointError(f"--model {err}") from None
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     # Everything that can be checked without the model or other ranks is checked first, so bad input

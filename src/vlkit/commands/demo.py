@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from vlkit.commands import common
-from vlkit.errors import ConfigError
+from vlkit.errors import CheckpointError, ConfigError
 
 
 def main(argv: list[str]) -> int:
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     if not args.quick:
         try:
             bundled = {"bundled": {role: demo.model_folder(name) for role, name in demo.MODELS.items()}}
-        except Exception:  # noqa: BLE001 - a checkout without bundled weights still shows the retrained models
+        except CheckpointError:  # a checkout without bundled weights still shows the retrained models
             bundled = {}
     columns = demo.run_demo(
         out=Path(args.retrain) / "demo",

@@ -215,3 +215,17 @@ class PairDataset(Dataset):
 def stack_field(samples: Sequence[dict[str, Any]], name: str) -> Tensor:
     """Stack tensor field ``name`` of dict samples (B, ...)."""
     return torch.stack([s[name] for s in samples])
+
+
+def ln_vision_input(blip2: Any, pixel_values: Tensor | None, vision_embeds: Tensor | None, owner: str) -> Tensor:
+    """``ln_vision`` of the ViT output (B, N, Dv) for a training step: a frozen ViT runs without grad, and
+    cached ViT output (the frozen-feature cache) is used as is. ``owner`` names the caller in the error."""
+    if vision_embeds is None:
+        if pixel_values is None:
+            raise ValueError(f"{owner} needs pixel_values or vision_embeds")
+        if blip2.vision_frozen:
+            with torch.no_grad():
+                vision_embeds = blip2.vision(pixel_values)
+        else:
+            vision_embeds = blip2.vision(pixel_values)
+    return blip2.ln_vision(vision_embeds)

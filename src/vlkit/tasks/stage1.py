@@ -46,7 +46,15 @@ from vlkit.layers.vit import Block as VitBlock
 from vlkit.models.blip2 import Blip2, Blip2Config
 from vlkit.models.qformer import QFormerLayer
 from vlkit.processors import IMAGE_PROCESSORS, BlipCaptionProcessor, make_image_processor
-from vlkit.tasks.common import PairDataset, load_vit_file, qformer_tokenizer, resolve_path, stack_field, vit_layer_id
+from vlkit.tasks.common import (
+    PairDataset,
+    ln_vision_input,
+    load_vit_file,
+    qformer_tokenizer,
+    resolve_path,
+    stack_field,
+    vit_layer_id,
+)
 from vlkit.training.task import TaskContext, TaskState
 
 DETERMINISTIC_TRANSFORMS = ("blip_image_eval",)
@@ -232,16 +240,7 @@ class Stage1Model(nn.Module):
 
     def image_embeds(self, pixel_values: Tensor | None, vision_embeds: Tensor | None) -> Tensor:
         """``ln_vision`` of the ViT output (B, N, Dv); a frozen ViT runs without grad; cached output is used as is."""
-        blip2 = self.blip2
-        if vision_embeds is None:
-            if pixel_values is None:
-                raise ValueError("Stage1Model needs pixel_values or vision_embeds")
-            if blip2.vision_frozen:
-                with torch.no_grad():
-                    vision_embeds = blip2.vision(pixel_values)
-            else:
-                vision_embeds = blip2.vision(pixel_values)
-        return blip2.ln_vision(vision_embeds)
+        return ln_vision_input(self.blip2, pixel_values, vision_embeds, "Stage1Model")
 
     def forward(
         self,

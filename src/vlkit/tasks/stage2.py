@@ -78,7 +78,7 @@ from vlkit.models.instructblip import InstructBlipConfig
 from vlkit.models.qformer import QFormerLayer
 from vlkit.processors import IMAGE_PROCESSORS, blip_caption, blip_question, make_image_processor
 from vlkit.prompting import VQA_PROMPT, LLMProcessor, LMBatch, PromptBatch
-from vlkit.tasks.common import qformer_tokenizer, resolve_path, stack_field, vit_layer_id
+from vlkit.tasks.common import ln_vision_input, qformer_tokenizer, resolve_path, stack_field, vit_layer_id
 from vlkit.training.task import TaskContext, TaskState
 
 DETERMINISTIC_TRANSFORMS = ("blip_image_eval",)
@@ -370,16 +370,7 @@ class LMTaskModel(nn.Module):
 
     def image_embeds(self, pixel_values: Tensor | None, vision_embeds: Tensor | None) -> Tensor:
         """``ln_vision`` of the ViT output (B, N, Dv); a frozen ViT runs without grad; cached output is used as is."""
-        blip2 = self.blip2
-        if vision_embeds is None:
-            if pixel_values is None:
-                raise ValueError("LMTaskModel needs pixel_values or vision_embeds")
-            if blip2.vision_frozen:
-                with torch.no_grad():
-                    vision_embeds = blip2.vision(pixel_values)
-            else:
-                vision_embeds = blip2.vision(pixel_values)
-        return blip2.ln_vision(vision_embeds)
+        return ln_vision_input(self.blip2, pixel_values, vision_embeds, "LMTaskModel")
 
     def forward(
         self,

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from vlkit import __version__
 from vlkit.errors import CheckpointError, ConfigError, VlkitError
+from vlkit.layers.attention import eager_transformers_attention_for_cpu_training
 from vlkit.tasks import load_task
 from vlkit.training import checkpointing as ckpt
 from vlkit.training.dist import (
@@ -226,6 +227,7 @@ class _Trainer:
                 raise ConfigError(f"run.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         model.to(env.device)
+        eager_transformers_attention_for_cpu_training(model, env.device, run.precision)
         self.model = model
 
     def _wrap(self) -> None:

@@ -7,7 +7,7 @@ return attention probabilities when a caller wants to look at them.
 
 One exception inside the fast path: on CPU, when autograd records a bf16/fp16 attention over at most
 ``CPU_EAGER_MAX_KEYS`` keys, ``attend`` runs the plain ops. PyTorch's CPU flash-attention backward in reduced
-precision is 3-8x slower than matmul + softmax for the short sequences of the small models trained on CPU
+precision is 6-9x slower than matmul + softmax for the short sequences of the small models trained on CPU
 (measured with torch 2.13, one thread, bf16, 4 heads of 32: 65 tokens 34.7 ms vs 5.3 ms forward+backward,
 40 tokens 85 ms vs 10 ms; 257 tokens 150 ms vs 142 ms), and it was half of a shapes stage-1 training step.
 Inference and fp32 keep the fused kernel (it is the faster one there).

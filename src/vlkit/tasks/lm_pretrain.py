@@ -198,8 +198,8 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
     for pair in data.vqa:
         q_path, a_path = resolve_path(pair.questions, root), resolve_path(pair.annotations, root)
         document = read_json(q_path)
-        subtype = document.get("data_subtype", "") if isinstance(document, dict) else ""
-        questions = {q["question_id"]: q for q in _field_list(q_path, "questions")}
+        questions = {q["question_id"]: q for q in _list_field(document, q_path, "questions")}
+        subtype = document.get("data_subtype", "")
         for ann in _field_list(a_path, "annotations"):
             qid = ann.get("question_id")
             if qid not in questions or not isinstance(ann.get("multiple_choice_answer"), str):
@@ -237,7 +237,11 @@ def _json_list(path: Path) -> list[Any]:
 
 
 def _field_list(path: Path, key: str) -> list[dict[str, Any]]:
-    data = read_json(path)
+    return _list_field(read_json(path), path, key)
+
+
+def _list_field(data: Any, path: Path, key: str) -> list[dict[str, Any]]:
+    """The ``key`` list of the JSON object ``data`` read from ``path`` (named in the error)."""
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise DataError(f"{path}: expected an object with a {key!r} list")
     return data[key]

@@ -330,6 +330,30 @@ def test_build_itm_batch_takes_negatives_from_other_ranks():
     assert torch.all(embeds_all.grad[:b] == 0) and torch.all(embeds_all.grad[b:] == 1)
 
 
+def test_add_itm_text_negatives_appends_non_matches_with_their_owner_image():
+    b, n, d, t = 3, 5, 4, 6
+    embeds = torch.randn(b, n, d, requires_grad=True)
+    ids, mask = torch.randint(1, 100, (b, t)), torch.ones(b, t, dtype=torch.long)
+    neg = ItmNegatives(torch.tensor([2, 0, 0]), torch.tensor([1, 2, 1]), torch.ones(b, dtype=torch.bool))
+    base = losses.build_itm_batch(embeds, ids, mask, neg)
+    owner = torch.tensor([2, 0])
+    swapped_ids, swapped_mask = torch.randint(1, 100, (2, t)), torch.ones(2, t, dtype=torch.long)
+    swapped_mask[0, 5:] = 0
+    batch = losses.add_itm_text_negatives(base, embeds, owner, swapped_ids, swapped_mask)
+    assert batch.labels.tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    torch.testing.assert_close(batch.image_embeds[3 * b :], embeds[[2, 0]])
+    assert torch.equal(batch.text_ids[3 * b :], swapped_ids) and torch.equal(batch.text_mask[3 * b :], swapped_mask)
+    assert torch.equal(batch.text_ids[: 3 * b], base.text_ids)
+    batch.image_embeds[3 * b :].sum().backward()  # the owners' images get the gradient of their new pairs
+    torch.testing.assert_close(embeds.grad[:, 0, 0], torch.tensor([1.0, 0.0, 1.0]))
+    empty = losses.add_itm_text_negatives(base, embeds, owner[:0], swapped_ids[:0], swapped_mask[:0])
+    assert empty.labels.shape == (3 * b,)
+    with pytest.raises(LossInputError, match="owner indices"):
+        losses.add_itm_text_negatives(base, embeds, torch.tensor([3, 0]), swapped_ids, swapped_mask)
+    with pytest.raises(LossInputError, match=r"\(M, 6\)"):
+        losses.add_itm_text_negatives(base, embeds, owner, swapped_ids[:, :4], swapped_mask[:, :4])
+
+
 def test_itm_loss_by_hand():
     logits = torch.tensor([[0.0, 2.0], [1.0, -1.0], [0.5, 0.5]])
     labels = torch.tensor([1, 0, 0])

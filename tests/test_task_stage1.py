@@ -113,6 +113,61 @@ def test_losses_fall_on_a_fixed_batch(world, tmp_path):
     assert last["loss"] < 0.6 * first["loss"]
 
 
+SHAPE_WORDS = [["circle", "square", "triangle", "diamond", "cross"]]
+
+
+def _first(k: int):
+    return lambda n: k
+
+
+def test_swap_words_exchanges_or_replaces_whole_words():
+    draws = iter([1, 0, 2])
+    text = "A red Circle left of a blue square and a green circle"
+    # exchange: pairs of different group words are (Circle, square) and (square, circle); draw 1 -> the second
+    assert stage1.swap_words(text, SHAPE_WORDS, lambda n: next(draws), exchange=True) == (
+        "A red Circle left of a blue circle and a green square"
+    )
+    # replace (the default): occurrence 0 ("Circle") by the third other word of its group ("diamond")
+    assert stage1.swap_words(text, SHAPE_WORDS, lambda n: next(draws)) == (
+        "A red diamond left of a blue square and a green circle"
+    )
+    # one group word only: replaced even with exchange on; words are matched whole ("crossing" is not "cross")
+    assert (
+        stage1.swap_words("crossing a small cross", SHAPE_WORDS, _first(0), exchange=True) == "crossing a small circle"
+    )
+    assert stage1.swap_words("two circles and one dot", SHAPE_WORDS, _first(0)) is None
+    # the same word twice gives no exchange pair, so it is replaced
+    assert stage1.swap_words("a circle and a circle", SHAPE_WORDS, _first(0), exchange=True) == "a square and a circle"
+
+
+def test_itm_text_negatives_join_the_itm_batch(world, tmp_path):
+    torch.manual_seed(0)
+    state = build(world, tmp_path, itm_text_negatives={"groups": SHAPE_WORDS, "exchange": True})
+    samples = [state.train_dataset[i] for i in range(0, 40, 5)]
+    batch = state.collate_fn(samples)
+    m = batch["neg_owner"].shape[0]
+    assert m == len(samples)  # every shapes caption names a shape
+    assert batch["neg_text_ids"].shape == (m, batch["text_ids"].shape[1]) == batch["neg_text_mask"].shape
+    assert not torch.equal(batch["neg_text_ids"], batch["text_ids"][batch["neg_owner"]])
+    model = state.model.train()
+    seen = []
+    original = model.blip2.itm_logits
+
+    def spy(embeds, ids, mask):
+        seen.append(ids.shape[0])
+        return original(embeds, ids, mask)
+
+    model.blip2.itm_logits = spy
+    out = state.training_step(model, batch)
+    assert seen == [3 * len(samples) + m]
+    out["loss"].backward()
+    plain = {k: v for k, v in batch.items() if not k.startswith("neg_")}
+    state.training_step(model, plain)
+    assert seen[-1] == 3 * len(samples)
+    with pytest.raises(ValueError, match="neg_owner"):
+        state.training_step(model, {k: v for k, v in batch.items() if k != "neg_owner"})
+
+
 def test_image_ids_give_multi_positive_itc(world, tmp_path):
     state = build(world, tmp_path, image_ids=True)
     samples = [state.train_dataset[i] for i in range(6)]  # captions 0-4 share image 0, caption 5 is image 1
@@ -277,6 +332,9 @@ def test_init_from_an_exported_folder(world, tmp_path):
         ({"train": [{"annotations": ["a.json"], "images": "i", "transform": "crop"}]}, "unknown 'crop'"),
         ({"classification": {"root": "c", "template": "a"}}, "task.classification"),
         ({"colour": "red"}, "unknown key task.colour"),
+        ({"itm_text_negatives": {"groups": [["circle"]]}}, "at least two different words"),
+        ({"itm_text_negatives": {"groups": [["circle", "square"], ["Circle", "cross"]]}}, "one group only"),
+        ({"itm_text_negatives": {"groups": [["circle", "red square"]]}}, "not single words"),
     ],
 )
 def test_config_errors(world, change, message):

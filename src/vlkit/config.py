@@ -46,7 +46,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(option, value, path)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)}")
+        if len(errors) == 1:  # X | None: the reason X rejected it
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:

@@ -386,6 +386,39 @@ def build_itm_batch(
     )
 
 
+def add_itm_text_negatives(
+    batch: ItmBatch, image_embeds: Tensor, owner: Tensor, text_ids: Tensor, text_mask: Tensor
+) -> ItmBatch:
+    """Append (image, caption) non-matches to an ITM batch: caption m is scored with local image ``owner[m]``.
+
+    For hard negatives made from the text (e.g. a caption with two words exchanged); not in the reference.
+
+    Args:
+        batch: from :func:`build_itm_batch`.
+        image_embeds: (B, N, D) the local vision features ``batch`` was built from.
+        owner: (M,) long, indices into the local batch.
+        text_ids, text_mask: (M, T) the captions, padded to the batch's T.
+
+    Returns:
+        ItmBatch of 3B + M pairs, the new ones labelled 0.
+    """
+    _check(
+        owner.dim() == 1 and text_ids.shape == text_mask.shape == (owner.shape[0], batch.text_ids.shape[1]),
+        f"owner {tuple(owner.shape)}, text_ids {tuple(text_ids.shape)} and text_mask {tuple(text_mask.shape)} "
+        f"must be (M,), (M, {batch.text_ids.shape[1]}), (M, {batch.text_ids.shape[1]})",
+    )
+    _check(
+        owner.numel() == 0 or (0 <= int(owner.min()) and int(owner.max()) < image_embeds.shape[0]),
+        f"owner indices must lie in [0, {image_embeds.shape[0]})",
+    )
+    return ItmBatch(
+        image_embeds=torch.cat([batch.image_embeds, image_embeds.index_select(0, owner)], dim=0),
+        text_ids=torch.cat([batch.text_ids, text_ids], dim=0),
+        text_mask=torch.cat([batch.text_mask, text_mask], dim=0),
+        labels=torch.cat([batch.labels, batch.labels.new_zeros(owner.shape[0])]),
+    )
+
+
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Image-text matching loss: plain cross-entropy, no smoothing.
 

@@ -322,12 +322,13 @@ def sample_itm_negatives(
 
 @dataclass
 class ItmBatch:
-    """The 3B (image, text) pairs scored by the ITM head: positives, negative images, negative texts."""
+    """The (image, text) pairs scored by the ITM head: 3B of them from :func:`build_itm_batch` (positives,
+    negative images, negative texts), plus M non-matches from :func:`add_itm_text_negatives`."""
 
-    image_embeds: Tensor  # (3B, N, D) [pos images; neg images; pos images]
-    text_ids: Tensor  # (3B, T) [pos texts; pos texts; neg texts]
-    text_mask: Tensor  # (3B, T)
-    labels: Tensor  # (3B,) long: [1]*B + [0]*2B
+    image_embeds: Tensor  # (3B [+ M], N, D) [pos images; neg images; pos images (; owners' images)]
+    text_ids: Tensor  # (3B [+ M], T) [pos texts; pos texts; neg texts (; swapped texts)]
+    text_mask: Tensor  # (3B [+ M], T)
+    labels: Tensor  # (3B [+ M],) long: [1]*B + [0]*2B (+ [0]*M)
 
 
 def build_itm_batch(
@@ -391,7 +392,7 @@ def add_itm_text_negatives(
 ) -> ItmBatch:
     """Append (image, caption) non-matches to an ITM batch: caption m is scored with local image ``owner[m]``.
 
-    For hard negatives made from the text (e.g. a caption with two words exchanged); not in the reference.
+    For hard negatives made from the text (e.g. a caption with one word swapped); not in the reference.
 
     Args:
         batch: from :func:`build_itm_batch`.

@@ -131,6 +131,9 @@ class ClassificationVal:
             raise ConfigError(f"task.classification.template must contain one {{}}, got {self.template!r}")
 
 
+_WORD = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*")  # a word of a caption (hyphenated words whole)
+
+
 @dataclass
 class TextNegatives:
     """Word-swapped captions as extra ITM non-matches (hard negatives made from the text, as NegCLIP does).
@@ -162,9 +165,6 @@ class TextNegatives:
         bad = [w for w in words if not _WORD.fullmatch(w)]
         if bad:
             raise ConfigError(f"task.itm_text_negatives.groups: {bad} are not single words")
-
-
-_WORD = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*")
 
 
 def swap_words(text: str, groups: list[list[str]], draw: Callable[[int], int], *, exchange: bool = False) -> str | None:

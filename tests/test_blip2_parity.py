@@ -5,6 +5,7 @@ Max abs differences are printed (``pytest -s``) so the issue note can quote them
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -177,7 +178,10 @@ def test_export_refuses_what_transformers_cannot_represent(tmp_path):
     clip = Blip2(zoo.get_spec("tiny-blip2-clip").config())
     with pytest.raises(ConfigError, match="CLIP"):
         hfconv.config_to_hf(clip.config)
-    eva = Blip2(zoo.get_spec("tiny-blip2-eva").config())  # LAVIS eps: ln_vision 1e-5, ViT 1e-6
+    eva_config = zoo.get_spec("tiny-blip2-eva").config()
+    with pytest.raises(ConfigError, match="conv stem"):
+        hfconv.config_to_hf(dataclasses.replace(eva_config, vision=dataclasses.replace(eva_config.vision, stem="conv")))
+    eva = Blip2(eva_config)  # LAVIS eps: ln_vision 1e-5, ViT 1e-6
     with pytest.raises(ConfigError, match="allow_eps_change"):
         hfconv.save_hf_folder(eva, tmp_path / "x")
     hfconv.save_hf_folder(eva, tmp_path / "x", allow_eps_change=True)

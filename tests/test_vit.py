@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vlkit.config import from_dict, to_dict
 from vlkit.errors import CheckpointError, ConfigError, ImageError
 from vlkit.layers.mlp import activation, quick_gelu
 from vlkit.layers.norm import LayerNorm
 from vlkit.layers.pos_embed import resize_pos_embed
-from vlkit.layers.vit import VisionConfig, VisionTransformer
+from vlkit.layers.vit import ConvStem, VisionConfig, VisionTransformer
 
 
 def tiny(kind: str = "eva", **kw) -> VisionConfig:
@@ -149,3 +150,66 @@ def test_resize_pos_embed():
         torch.testing.assert_close(resize_pos_embed(pos, 6, align_corners=align)[:, 1:], expected.reshape(1, 36, 8))
     with pytest.raises(CheckpointError, match="square"):
         resize_pos_embed(torch.randn(1, 16, 8), 4, align_corners=False)
+
+
+# ------------------------------------------------------------------------------------------- conv stem
+
+
+def _stem_by_hand(stem: ConvStem, x: Tensor) -> Tensor:
+    """The conv stem written out: conv, normalise each pixel's channels (mean/variance), GELU; then 1x1."""
+    for conv in stem.convs:
+        x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+        mean = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, unbiased=False, keepdim=True)
+        x = F.gelu((x - mean) / torch.sqrt(var + 1e-5))
+    return F.conv2d(x, stem.proj.weight, stem.proj.bias)
+
+
+@pytest.mark.parametrize(
+    ("patch", "width", "channels"),
+    [(8, 128, [32, 64, 128]), (4, 64, [32, 64]), (16, 64, [16, 16, 32, 64]), (2, 24, [24])],
+)
+def test_conv_stem_structure_and_values(patch, width, channels):
+    torch.manual_seed(0)
+    stem = ConvStem(width, patch)
+    assert [conv.out_channels for conv in stem.convs] == channels
+    assert all(conv.stride == (2, 2) and conv.kernel_size == (3, 3) for conv in stem.convs)
+    assert stem.proj.kernel_size == (1, 1) and stem.proj.out_channels == width
+    x = torch.randn(2, 3, 4 * patch, 4 * patch)
+    out = stem(x)
+    assert out.shape == (2, width, 4, 4)
+    torch.testing.assert_close(out, _stem_by_hand(stem, x), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_stem_is_translation_equivariant_away_from_the_borders():
+    torch.manual_seed(0)
+    stem = ConvStem(32, 8)
+    x = torch.randn(1, 3, 64, 64)
+    shifted = torch.roll(x, shifts=8, dims=-1)  # one patch to the right; columns 0-7 wrap round
+    out, out_shifted = stem(x), stem(shifted)
+    # Cells whose receptive field (15 px) touches neither the image border nor the wrapped seam.
+    torch.testing.assert_close(out_shifted[..., 2:7], out[..., 1:6], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out_shifted[..., 1:7], out[..., 1:7], atol=1e-3)
+
+
+def test_conv_stem_vit_trains_end_to_end_and_round_trips_its_config():
+    config = tiny(stem="conv")
+    assert from_dict(VisionConfig, to_dict(config)) == config
+    model = VisionTransformer(config)
+    assert isinstance(model.patch_embed, ConvStem)
+    assert VisionTransformer(tiny()).state_dict().keys() - model.state_dict().keys() == {
+        "patch_embed.weight",
+        "patch_embed.bias",
+    }
+    model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.patch_embed.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("patch", [1, 6, 12])
+def test_conv_stem_needs_a_power_of_two_patch(patch):
+    with pytest.raises(ConfigError, match="power-of-two"):
+        tiny(stem="conv", image_size=4 * patch, patch_size=patch)
+    with pytest.raises(ConfigError, match="power-of-two"):
+        ConvStem(32, patch)

@@ -298,7 +298,7 @@ def config_to_hf(config: Blip2Config, *, allow_eps_change: bool = False) -> dict
     """A transformers ``Blip2ForImageTextRetrieval`` ``config.json`` dict for ``config``.
 
     Raises:
-        ConfigError: if transformers cannot represent the model (CLIP ViT, no text input or ITC/ITM heads,
+        ConfigError: if transformers cannot represent the model (CLIP ViT, conv stem, no text input or ITC/ITM heads,
             or ``ln_vision_eps`` != ViT eps without ``allow_eps_change``).
     """
     from transformers import Blip2Config as HFBlip2Config
@@ -306,6 +306,8 @@ def config_to_hf(config: Blip2Config, *, allow_eps_change: bool = False) -> dict
     v, q = config.vision, config.qformer
     if v.kind != "eva" or v.qkv_bias == "qkv":
         raise ConfigError("transformers' Blip2VisionModel cannot represent a CLIP-style ViT")
+    if v.stem != "patch":
+        raise ConfigError(f"transformers' Blip2VisionModel has a one-conv patch embedding, not a {v.stem} stem")
     if not config.itc_itm_heads:
         raise ConfigError("only models with ITC/ITM heads export to transformers (Blip2ForImageTextRetrieval)")
     if config.ln_vision_eps != v.ln_eps and not allow_eps_change:

@@ -544,7 +544,14 @@ def export_unilm_state_dict(model: VLMo, *, reference_buffers: bool = True) -> d
 
     Returns:
         unilm key -> tensor (on the CPU, detached).
+
+    Raises:
+        ConfigError: for a model with a conv stem (the reference has a one-conv patch embedding only).
     """
+    if model.config.stem != "patch":
+        raise ConfigError(
+            f"the unilm VLMo has a one-conv patch embedding; a {model.config.stem} stem cannot be exported"
+        )
     own = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = map_keys(own, _EXPORT_MAP, source="vlkit VLMo")
     if reference_buffers:

@@ -48,7 +48,9 @@ class VisionConfig:
     """Shape and flavour of a ViT.
 
     ``ln_eps``, ``act`` and ``qkv_bias`` default (when None) to the reference values of ``kind``; they are
-    fields so that a transformers checkpoint with other settings can be represented exactly.
+    fields so that a transformers checkpoint with other settings can be represented exactly. ``stem="conv"``
+    replaces the one-conv patch embedding with a :class:`ConvStem` (towers trained from scratch; no released
+    checkpoint, LAVIS or transformers, has one).
     """
 
     kind: Literal["eva", "clip"] = "eva"
@@ -65,6 +67,7 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     attn_impl: AttentionImpl = "sdpa"
+    stem: Literal["patch", "conv"] = "patch"
     # Derived.
     grid: int = field(init=False)
     num_positions: int = field(init=False)
@@ -83,6 +86,8 @@ class VisionConfig:
             raise ConfigError(
                 f"VisionConfig: image_size {self.image_size} is not a multiple of patch {self.patch_size}"
             )
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"VisionConfig: a conv stem needs a power-of-two patch size, got {self.patch_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"VisionConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         self.grid = self.image_size // self.patch_size
@@ -154,6 +159,57 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
+class ConvStem(nn.Module):
+    """Convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better").
+
+    ``log2(patch)`` 3x3 stride-2 convolutions, each followed by a per-pixel normalisation over channels (no
+    affine) and a GELU, with channels doubling up to ``width``, then a 1x1 convolution to ``width``: the same
+    (B, W, G, G) grid as the one-conv patch embedding, with a translation-equivariant front end that learns
+    shapes from far fewer images. An option for towers trained from scratch; no released checkpoint has it.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        patch_size: int,
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ConfigError(f"a conv stem needs a power-of-two patch size of at least 2, got {patch_size}")
+        steps = patch_size.bit_length() - 1
+        channels = [3] + [max(width >> (steps - i), 16) for i in range(1, steps + 1)]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1, device=device, dtype=dtype)
+            for i in range(steps)
+        )
+        self.proj = nn.Conv2d(channels[-1], width, 1, bias=bias, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """He-normal 3x3 convolutions with zero bias (they feed GELUs); PyTorch's default for the projection."""
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        self.proj.reset_parameters()
+
+    @property
+    def weight(self) -> Tensor:
+        """The projection's weight (the stem's dtype and device)."""
+        return self.proj.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, S, S) -> (B, width, S / patch, S / patch)."""
+        for conv in self.convs:
+            x = conv(x)  # (B, C_i, S / 2^i, S / 2^i)
+            x = F.gelu(F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2))
+        return self.proj(x)
+
+
 class VisionTransformer(nn.Module):
     """EVA- or CLIP-style ViT returning all tokens of its last block, (B, 1 + grid^2, width)."""
 
@@ -161,7 +217,11 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         w = config.width
-        self.patch_embed = nn.Conv2d(3, w, config.patch_size, config.patch_size, bias=config.kind == "eva")
+        self.patch_embed: nn.Module
+        if config.stem == "conv":
+            self.patch_embed = ConvStem(w, config.patch_size, bias=config.kind == "eva")
+        else:
+            self.patch_embed = nn.Conv2d(3, w, config.patch_size, config.patch_size, bias=config.kind == "eva")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_positions, w))
         self.norm_pre = LayerNorm(w, eps=config.ln_eps) if config.kind == "clip" else None

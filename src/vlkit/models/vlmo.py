@@ -30,6 +30,7 @@ from vlkit.config import from_dict
 from vlkit.errors import ConfigError, VlkitError
 from vlkit.layers import relpos
 from vlkit.layers.attention import AttentionImpl, attend
+from vlkit.layers.vit import ConvStem
 
 HeadName = Literal["mlm", "itm", "itc", "irtr", "vqa", "nlvr2"]
 Modality = Literal["text", "image", "vl"]
@@ -68,6 +69,8 @@ class VLMoConfig:
             "irtr" (retrieval fine-tuning ITC), "vqa", "nlvr2" (also makes a third token type).
         vqa_num_labels: answers of the VQA classifier.
         attention: "sdpa" (fast) or "eager" (reference precision: fp32 logits and softmax).
+        stem: "patch" (the reference's one-conv patch embedding) or "conv" (``vlkit.layers.vit.ConvStem``:
+            stride-2 3x3 convolutions, for small models trained from scratch; not exportable to unilm).
     """
 
     hidden_size: int = 768
@@ -86,6 +89,7 @@ class VLMoConfig:
     heads: tuple[HeadName, ...] = ()
     vqa_num_labels: int = 3129
     attention: Literal["sdpa", "eager"] = "sdpa"
+    stem: Literal["patch", "conv"] = "patch"
 
     def __post_init__(self) -> None:
         self.heads = tuple(self.heads)
@@ -101,6 +105,8 @@ class VLMoConfig:
             raise ConfigError(f"vlffn_start_layer {self.vlffn_start_layer} must be in 0..depth ({self.depth})")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"a conv stem needs a power-of-two patch_size, got {self.patch_size}")
         if self.position == "relative" and not 1 <= self.max_text_len <= self.max_text_len_of_initckpt:
             raise ConfigError(
                 f"max_text_len {self.max_text_len} must not exceed max_text_len_of_initckpt "
@@ -425,7 +431,11 @@ class VLMo(nn.Module):
         self.text_embed = TextEmbeddings(
             c.vocab_size, h, c.max_text_len, absolute=c.position == "absolute", dropout=c.drop_path_rate, **dd
         )
-        self.patch_embed = nn.Conv2d(3, h, kernel_size=c.patch_size, stride=c.patch_size, **dd)
+        self.patch_embed: nn.Module = (
+            ConvStem(h, c.patch_size, **dd)
+            if c.stem == "conv"
+            else nn.Conv2d(3, h, kernel_size=c.patch_size, stride=c.patch_size, **dd)
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, h, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_image_tokens, h, **dd)) if c.position == "absolute" else None
         self.token_type = nn.Embedding(c.num_token_types, h, **dd)

@@ -4,6 +4,7 @@ recipes, and a whole ``vlkit train`` run that exports a model folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,8 +16,9 @@ import yaml
 from vlmo_fixtures import caption_table, nlvr2_table, pretrained_like, tiny_tokenizer_dir, tiny_vlmo, vqa_table
 
 from vlkit.checkpoints.folder import load_model, save_pretrained
-from vlkit.checkpoints.unilm import save_unilm_checkpoint
-from vlkit.errors import ConfigError
+from vlkit.checkpoints.unilm import load_unilm, save_unilm_checkpoint
+from vlkit.errors import CheckpointError, ConfigError
+from vlkit.models.vlmo import VLMo
 from vlkit.tasks import load_task
 from vlkit.tasks.vlmo import (
     VLMoModelSpec,
@@ -304,6 +306,23 @@ def test_task_model_from_a_unilm_file_and_a_vlkit_folder(tmp_path):
         torch.testing.assert_close(model.rel_pos_table[-20:], pretrained.rel_pos_table[-20:])
     nlvr2 = build_model(VLMoModelSpec(checkpoint=pt), ("nlvr2",))
     torch.testing.assert_close(nlvr2.token_type.weight[2], pretrained.token_type.weight[1])
+
+
+def test_task_model_from_a_conv_stem_folder(tmp_path):
+    # The unilm layout has no conv stem, so a vlkit folder is adapted in vlkit's own key layout.
+    pretrained = tiny_vlmo(("mlm", "itm", "itc"), 120, patch_size=8, max_text_len=12, stem="conv")
+    folder = save_pretrained(pretrained, tmp_path / "folder")
+    model = build_model(VLMoModelSpec(checkpoint=folder, config={"image_size": 48, "max_text_len": 8}), ("vqa",))
+    assert model.config.stem == "conv" and model.vqa_head is not None and model.mlm_head is None
+    for key, value in pretrained.state_dict().items():
+        if key.startswith("patch_embed.") or key.startswith("blocks.1."):
+            torch.testing.assert_close(model.state_dict()[key], value)
+    assert model.rel_pos_table.shape[0] > pretrained.rel_pos_table.shape[0]  # resampled to a 6x6 grid
+    nlvr2 = VLMo(dataclasses.replace(model.config, heads=("nlvr2",)))
+    with pytest.raises(CheckpointError, match=r"lacks task heads the model has \(nlvr2\)"):
+        load_unilm(nlvr2, pretrained.state_dict(), drop_heads=("mlm", "itm", "itc"), layout="vlkit")
+    with pytest.raises(CheckpointError, match=r"unexpected 1 key\(s\) in the file: patch_embed.convs.9.weight"):
+        load_unilm(model, {**model.state_dict(), "patch_embed.convs.9.weight": torch.zeros(1)}, layout="vlkit")
 
 
 def test_model_spec_rejects_task_owned_fields():

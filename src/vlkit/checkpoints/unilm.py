@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -373,15 +373,18 @@ def convert_unilm_state_dict(
     source: str = "checkpoint",
     init_heads: Iterable[str] = (),
     drop_heads: Iterable[str] = (),
+    layout: Literal["unilm", "vlkit"] = "unilm",
 ) -> tuple[dict[str, Tensor], UnilmLoadReport]:
     """Rename a unilm state dict to vlkit keys and adapt it to ``config`` (see the module docstring).
 
     Args:
-        sd: unilm keys (as in the file, without ``module.``).
+        sd: unilm keys (as in the file, without ``module.``), or vlkit keys with ``layout="vlkit"``.
         config: the target model's config.
         source: name for error messages.
         init_heads: heads the model has that the file may lack.
         drop_heads: heads the file may have that the model lacks.
+        layout: "vlkit" for the state dict of a vlkit VLMo (a vlkit folder): the same adaptation without the
+            renaming, for models the unilm layout cannot hold (a conv stem); errors then name vlkit keys.
 
     Returns:
         (vlkit state dict, report). Heads listed in ``init_heads`` may be missing from it.
@@ -391,14 +394,15 @@ def convert_unilm_state_dict(
     """
     init_heads, drop_heads = tuple(init_heads), tuple(drop_heads)
     report = UnilmLoadReport()
-    out = map_keys(sd, UNILM_KEY_MAP, source=source)
+    out = map_keys(sd, UNILM_KEY_MAP, source=source) if layout == "unilm" else dict(sd)
     expected = _expected_keys(config)
+    file_names: Callable[[Iterable[str]], list[str]] = _as_unilm if layout == "unilm" else sorted
 
     # Heads first, so that errors about them are reported as such.
     surplus = {head_of(k) for k in out if k not in expected and head_of(k)}
     not_dropped = {h for h in surplus if not _head_matches(h, drop_heads)}  # type: ignore[arg-type]
     if not_dropped:
-        keys = _as_unilm(k for k in out if k not in expected and head_of(k) in not_dropped)
+        keys = file_names(k for k in out if k not in expected and head_of(k) in not_dropped)
         names = _head_names(not_dropped)  # type: ignore[arg-type]
         raise CheckpointError(
             f"{source}: has task heads the model was not built with ({', '.join(names)}): "
@@ -420,7 +424,7 @@ def convert_unilm_state_dict(
 
     _adapt_positions(out, config, expected, report, source)
 
-    unexpected = _as_unilm(k for k in out if k not in expected)
+    unexpected = file_names(k for k in out if k not in expected)
     missing = sorted(k for k in expected if k not in out and head_of(k) is None)
     if unexpected or missing:
         parts = []
@@ -511,8 +515,12 @@ def load_unilm(
     *,
     init_heads: Iterable[str] = (),
     drop_heads: Iterable[str] = (),
+    layout: Literal["unilm", "vlkit"] = "unilm",
 ) -> UnilmLoadReport:
     """Load a unilm checkpoint (file or state dict) into ``model``, adapting resolution/text length/token types.
+
+    ``layout="vlkit"`` loads the state dict of another vlkit VLMo the same way (see
+    :func:`convert_unilm_state_dict`).
 
     Raises:
         CheckpointError: see :func:`convert_unilm_state_dict`.
@@ -522,7 +530,7 @@ def load_unilm(
     else:
         source, sd = str(checkpoint), read_unilm_state_dict(checkpoint)
     converted, report = convert_unilm_state_dict(
-        sd, model.config, source=source, init_heads=init_heads, drop_heads=drop_heads
+        sd, model.config, source=source, init_heads=init_heads, drop_heads=drop_heads, layout=layout
     )
     initialised = set(report.initialised_heads)
     allow: Callable[[str], bool] = lambda k: head_of(k) in initialised  # noqa: E731

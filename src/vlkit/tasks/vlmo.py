@@ -374,17 +374,17 @@ def nlvr2_loss(logits: Tensor, labels: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------- building
 
 
-def _read_source(checkpoint: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(unilm-layout state dict, config fields) of a unilm file or of a vlkit VLMo folder."""
+def _read_source(checkpoint: Path) -> tuple[dict[str, Tensor], dict[str, Any], Literal["unilm", "vlkit"]]:
+    """(state dict, config fields, key layout) of a unilm file or of a vlkit VLMo folder."""
     from vlkit.checkpoints import folder, unilm
 
     if checkpoint.is_dir():
         model = folder.load_folder(checkpoint)
         if not isinstance(model, VLMo):
             raise ConfigError(f"{checkpoint}: holds a {type(model).__name__}, not a VLMo")
-        return unilm.export_unilm_state_dict(model), to_dict(model.config)
+        return model.state_dict(), to_dict(model.config), "vlkit"
     sd = unilm.read_unilm_state_dict(checkpoint)
-    return sd, to_dict(unilm.infer_unilm_config(sd, source=str(checkpoint)))
+    return sd, to_dict(unilm.infer_unilm_config(sd, source=str(checkpoint))), "unilm"
 
 
 def build_model(
@@ -414,10 +414,11 @@ def build_model(
         if spec.init_std is not None:
             reinit_linears(model, spec.init_std)
         return model.train()
-    sd, fields = _read_source(spec.checkpoint)
+    sd, fields, layout = _read_source(spec.checkpoint)
     file_heads = set(fields["heads"])
     model = VLMo(from_dict(VLMoConfig, {**fields, **overrides}, path="model.config"))
-    unilm.load_unilm(model, sd, init_heads=set(heads) - file_heads, drop_heads=file_heads - set(heads))
+    init, drop = set(heads) - file_heads, file_heads - set(heads)
+    unilm.load_unilm(model, sd, init_heads=init, drop_heads=drop, layout=layout)
     return model.train()
 
 

@@ -165,6 +165,18 @@ def _stem_by_hand(stem: ConvStem, x: Tensor) -> Tensor:
     return F.conv2d(x, stem.proj.weight, stem.proj.bias)
 
 
+def test_conv_stem_patch_shortcut_adds_the_patch_projection():
+    torch.manual_seed(0)
+    stem = ConvStem(32, 8, patch_shortcut=True)
+    assert stem.shortcut.kernel_size == (8, 8) and stem.shortcut.stride == (8, 8) and stem.shortcut.bias is None
+    x = torch.randn(2, 3, 32, 32)
+    expected = _stem_by_hand(stem, x) + F.conv2d(x, stem.shortcut.weight, stride=8)
+    torch.testing.assert_close(stem(x), expected, rtol=1e-4, atol=1e-5)
+    model = VisionTransformer(tiny(stem="conv+patch"))
+    plain = VisionTransformer(tiny(stem="conv"))
+    assert model.state_dict().keys() - plain.state_dict().keys() == {"patch_embed.shortcut.weight"}
+
+
 @pytest.mark.parametrize(
     ("patch", "width", "channels"),
     [(8, 128, [32, 64, 128]), (4, 64, [32, 64]), (16, 64, [16, 16, 32, 64]), (2, 24, [24])],

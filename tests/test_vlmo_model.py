@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import pytest
@@ -309,13 +310,15 @@ def test_cuda_split_and_bf16():
             torch.testing.assert_close(out.float().cpu(), ref, atol=5e-2, rtol=5e-2)
 
 
-def test_conv_stem_option(tmp_path):
+@pytest.mark.parametrize("stem", ["conv", "conv+patch"])
+def test_conv_stem_option(tmp_path, stem):
     from vlkit.checkpoints.folder import load_model, save_pretrained
     from vlkit.checkpoints.unilm import export_unilm_state_dict
     from vlkit.layers.vit import ConvStem
 
     torch.manual_seed(0)
-    model = _model(heads=("vqa",), stem="conv", patch_size=8, image_size=32, max_text_len=8).train()
+    model = _model(heads=("vqa",), stem=stem, patch_size=8, image_size=32, max_text_len=8).train()
+    assert (model.patch_embed.shortcut is not None) == (stem == "conv+patch")
     assert isinstance(model.patch_embed, ConvStem) and from_dict(VLMoConfig, to_dict(model.config)) == model.config
     ids, mask, img = _inputs(model.config)
     model.vqa_head(model(ids, mask, img).cls_feats).sum().backward()
@@ -325,7 +328,7 @@ def test_conv_stem_option(tmp_path):
     assert isinstance(loaded.patch_embed, ConvStem)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask, img).cls_feats, model(ids, mask, img).cls_feats)
-    with pytest.raises(ConfigError, match="conv stem cannot be exported"):
+    with pytest.raises(ConfigError, match=re.escape(f"a {stem} stem cannot be exported")):
         export_unilm_state_dict(model)
     with pytest.raises(ConfigError, match="power-of-two"):
         VLMoConfig.preset("tiny", stem="conv", patch_size=6, image_size=36)

@@ -69,8 +69,9 @@ class VLMoConfig:
             "irtr" (retrieval fine-tuning ITC), "vqa", "nlvr2" (also makes a third token type).
         vqa_num_labels: answers of the VQA classifier.
         attention: "sdpa" (fast) or "eager" (reference precision: fp32 logits and softmax).
-        stem: "patch" (the reference's one-conv patch embedding) or "conv" (``vlkit.layers.vit.ConvStem``:
-            stride-2 3x3 convolutions, for small models trained from scratch; not exportable to unilm).
+        stem: "patch" (the reference's one-conv patch embedding), "conv" (``vlkit.layers.vit.ConvStem``:
+            stride-2 3x3 convolutions) or "conv+patch" (a ConvStem plus the patch projection), for small models
+            trained from scratch; only "patch" exports to unilm.
     """
 
     hidden_size: int = 768
@@ -89,7 +90,7 @@ class VLMoConfig:
     heads: tuple[HeadName, ...] = ()
     vqa_num_labels: int = 3129
     attention: Literal["sdpa", "eager"] = "sdpa"
-    stem: Literal["patch", "conv"] = "patch"
+    stem: Literal["patch", "conv", "conv+patch"] = "patch"
 
     def __post_init__(self) -> None:
         self.heads = tuple(self.heads)
@@ -105,7 +106,7 @@ class VLMoConfig:
             raise ConfigError(f"vlffn_start_layer {self.vlffn_start_layer} must be in 0..depth ({self.depth})")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ConfigError(f"a conv stem needs a power-of-two patch_size, got {self.patch_size}")
         if self.position == "relative" and not 1 <= self.max_text_len <= self.max_text_len_of_initckpt:
             raise ConfigError(
@@ -432,8 +433,8 @@ class VLMo(nn.Module):
             c.vocab_size, h, c.max_text_len, absolute=c.position == "absolute", dropout=c.drop_path_rate, **dd
         )
         self.patch_embed: nn.Module = (
-            ConvStem(h, c.patch_size, **dd)
-            if c.stem == "conv"
+            ConvStem(h, c.patch_size, patch_shortcut=c.stem == "conv+patch", **dd)
+            if c.stem != "patch"
             else nn.Conv2d(3, h, kernel_size=c.patch_size, stride=c.patch_size, **dd)
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, h, **dd))

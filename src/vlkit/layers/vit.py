@@ -67,7 +67,7 @@ class VisionConfig:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     attn_impl: AttentionImpl = "sdpa"
-    stem: Literal["patch", "conv", "conv+patch"] = "patch"
+    stem: Stem = "patch"
     # Derived.
     grid: int = field(init=False)
     num_positions: int = field(init=False)
@@ -86,8 +86,7 @@ class VisionConfig:
             raise ConfigError(
                 f"VisionConfig: image_size {self.image_size} is not a multiple of patch {self.patch_size}"
             )
-        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(f"VisionConfig: a conv stem needs a power-of-two patch size, got {self.patch_size}")
+        check_stem(self.stem, self.patch_size, where="VisionConfig")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"VisionConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         self.grid = self.image_size // self.patch_size
@@ -159,6 +158,32 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
+Stem = Literal["patch", "conv", "conv+patch"]
+
+
+def check_stem(stem: Stem, patch_size: int, *, where: str) -> None:
+    """Raise a ConfigError if ``stem`` cannot embed patches of ``patch_size`` (a conv stem halves the image
+    log2(patch) times, so its patch size must be a power of two of at least 2)."""
+    if stem != "patch" and (patch_size < 2 or patch_size & (patch_size - 1)):
+        raise ConfigError(f"{where}: a {stem} stem needs a power-of-two patch size of at least 2, got {patch_size}")
+
+
+def patch_embedding(
+    stem: Stem,
+    width: int,
+    patch_size: int,
+    *,
+    bias: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """The patch embedding of ``stem`` (the one-conv projection, or a :class:`ConvStem` with or without the
+    patch shortcut): (B, 3, S, S) -> (B, width, S / patch, S / patch), with a ``weight`` giving its dtype."""
+    if stem == "patch":
+        return nn.Conv2d(3, width, patch_size, stride=patch_size, bias=bias, device=device, dtype=dtype)
+    return ConvStem(width, patch_size, bias=bias, patch_shortcut=stem == "conv+patch", device=device, dtype=dtype)
+
+
 class ConvStem(nn.Module):
     """Convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see better").
 
@@ -167,7 +192,7 @@ class ConvStem(nn.Module):
     (B, W, G, G) grid as the one-conv patch embedding, with a translation-equivariant front end that learns
     shapes from far fewer images. With ``patch_shortcut`` the one-conv patch projection (no bias) is added to
     the output: early in training that linear path carries colour and size at once, and the contrastive loss
-    leaves its plateau within a few hundred steps for every seed tried, where the convolutions alone stay on it
+    leaves its plateau within a few hundred steps in every run tried (three), where the convolutions alone stay on it
     for up to 700 steps with some seeds. An option for towers trained from scratch; no released checkpoint has
     it.
     """
@@ -183,8 +208,7 @@ class ConvStem(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ConfigError(f"a conv stem needs a power-of-two patch size of at least 2, got {patch_size}")
+        check_stem("conv", patch_size, where="ConvStem")
         steps = patch_size.bit_length() - 1
         channels = [3] + [max(width >> (steps - i), 16) for i in range(1, steps + 1)]
         self.convs = nn.ModuleList(
@@ -231,12 +255,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         w = config.width
-        self.patch_embed: nn.Module
-        if config.stem != "patch":
-            shortcut = config.stem == "conv+patch"
-            self.patch_embed = ConvStem(w, config.patch_size, bias=config.kind == "eva", patch_shortcut=shortcut)
-        else:
-            self.patch_embed = nn.Conv2d(3, w, config.patch_size, config.patch_size, bias=config.kind == "eva")
+        self.patch_embed = patch_embedding(config.stem, w, config.patch_size, bias=config.kind == "eva")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_positions, w))
         self.norm_pre = LayerNorm(w, eps=config.ln_eps) if config.kind == "clip" else None

@@ -30,7 +30,7 @@ from vlkit.config import from_dict
 from vlkit.errors import ConfigError, VlkitError
 from vlkit.layers import relpos
 from vlkit.layers.attention import AttentionImpl, attend
-from vlkit.layers.vit import ConvStem
+from vlkit.layers.vit import Stem, check_stem, patch_embedding
 
 HeadName = Literal["mlm", "itm", "itc", "irtr", "vqa", "nlvr2"]
 Modality = Literal["text", "image", "vl"]
@@ -90,7 +90,7 @@ class VLMoConfig:
     heads: tuple[HeadName, ...] = ()
     vqa_num_labels: int = 3129
     attention: Literal["sdpa", "eager"] = "sdpa"
-    stem: Literal["patch", "conv", "conv+patch"] = "patch"
+    stem: Stem = "patch"
 
     def __post_init__(self) -> None:
         self.heads = tuple(self.heads)
@@ -106,8 +106,7 @@ class VLMoConfig:
             raise ConfigError(f"vlffn_start_layer {self.vlffn_start_layer} must be in 0..depth ({self.depth})")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.stem != "patch" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(f"a conv stem needs a power-of-two patch_size, got {self.patch_size}")
+        check_stem(self.stem, self.patch_size, where="VLMoConfig")
         if self.position == "relative" and not 1 <= self.max_text_len <= self.max_text_len_of_initckpt:
             raise ConfigError(
                 f"max_text_len {self.max_text_len} must not exceed max_text_len_of_initckpt "
@@ -432,11 +431,7 @@ class VLMo(nn.Module):
         self.text_embed = TextEmbeddings(
             c.vocab_size, h, c.max_text_len, absolute=c.position == "absolute", dropout=c.drop_path_rate, **dd
         )
-        self.patch_embed: nn.Module = (
-            ConvStem(h, c.patch_size, patch_shortcut=c.stem == "conv+patch", **dd)
-            if c.stem != "patch"
-            else nn.Conv2d(3, h, kernel_size=c.patch_size, stride=c.patch_size, **dd)
-        )
+        self.patch_embed = patch_embedding(c.stem, h, c.patch_size, **dd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, h, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_image_tokens, h, **dd)) if c.position == "absolute" else None
         self.token_type = nn.Embedding(c.num_token_types, h, **dd)

@@ -108,6 +108,34 @@ def test_context_copies_put_captions_of_the_same_image_before_questions(world, t
         recipe(world, context_copies=-1)
 
 
+def test_context_caption_longest_puts_the_images_longest_caption_before_questions(world, tmp_path):
+    import json
+
+    from vlkit.processors import blip_caption
+
+    template = "{data_subtype}/shapes_{data_subtype}_{image_id:06d}.png"
+    train = task_data(world)["train"]
+    train["vqa"][0]["image_template"] = template
+    texts = build(world, tmp_path, train=train, context_copies=2, context_caption="longest").train_dataset.texts
+    longest: dict[str, str] = {}
+    for entry in json.loads((world / "annotations" / "coco_karpathy_train.json").read_text()):
+        caption = blip_caption(entry["caption"])
+        if len(caption) > len(longest.get(entry["image"], "")):
+            longest[entry["image"]] = caption
+    questions = json.loads((world / "vqa" / "v2_OpenEnded_shapes_train_questions.json").read_text())["questions"]
+    expected = sorted(
+        longest[template.format(data_subtype="train", image_id=q["image_id"])] for q in questions for _ in range(2)
+    )
+    contexts = sorted(t.split(" Question: ", 1)[0] for t in texts if " Question: " in t)
+    assert contexts == expected
+    # the instructions too: each record's image's longest caption, twice
+    records = [json.loads(line) for line in (world / "instruct" / "instruct_train.jsonl").read_text().splitlines()]
+    for record in records:
+        assert sum(t.startswith(longest[record["image"]] + " ") for t in texts) >= 2
+    with pytest.raises(ConfigError, match="context_caption.*shortest"):
+        recipe(world, train=train, context_copies=2, context_caption="shortest")
+
+
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_batches_and_overfit(world, tmp_path, arch):
     extra = {"bos_token": "</s>"} if arch == "llama" else {}

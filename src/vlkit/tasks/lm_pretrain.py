@@ -123,6 +123,11 @@ class LMPretrainConfig:
             captions (drawn with a fixed seed): ``"{caption} Question: ... Short answer: ..."``. In BLIP-2 the
             visual prefix stands before the question; an LM that only ever saw questions at the start of a text
             does not learn to read the answer off what precedes them (shapes world: InstructBLIP VQA 35 -> 51 %).
+        context_caption: which caption of the image stands before the text: ``random`` (one drawn per copy) or
+            ``longest`` (the image's longest caption, first of equals, in every copy). Short captions often leave
+            out what the question asks, and an LM trained on answers it cannot read off its context learns to
+            guess from the question alone (shapes world, text-only VQA with the full caption before the
+            question: 58.7 % random, 66.3 % longest; shape questions 10/62 -> 40/62).
     """
 
     arch: Literal["opt", "llama"] = "opt"
@@ -139,6 +144,7 @@ class LMPretrainConfig:
     max_len: int = 64
     val_batch_size: int = 128
     context_copies: int = 0
+    context_caption: Literal["random", "longest"] = "random"
 
     def __post_init__(self) -> None:
         if self.context_copies < 0:
@@ -193,6 +199,9 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
         captions = by_image.get(image) if isinstance(image, str) else None
         if not captions:
             raise DataError(f"{where}: image {image!r} has no caption in train.captions (context_copies)")
+        if cfg.context_caption == "longest":
+            longest = max(captions, key=len)
+            return [text] + [f"{longest} {text}"] * context_copies
         return [text] + [f"{rng.choice(captions)} {text}" for _ in range(context_copies)]
 
     for pair in data.vqa:

@@ -58,3 +58,36 @@ def resize_pos_embed(
         grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)
     out = torch.cat([prefix, grid], dim=1)
     return out[0] if squeeze else out
+
+
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position vectors of a ``grid`` x ``grid`` patch grid, row-major: (grid*grid, dim).
+
+    The first half of each vector encodes the column, the second half the row, each as ``dim / 4`` sines and
+    cosines at frequencies ``10000 ** (-k / (dim / 4))`` (the MAE form). Every offset between two patches is
+    then a fixed rotation of these features, so "left of" and "above" are linear in them from the first step.
+
+    Raises:
+        ValueError: if ``dim`` is not a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(values: Tensor) -> Tensor:  # (G*G,) -> (G*G, dim/2)
+        angles = values.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+@torch.no_grad()
+def init_sincos_(pos_embed: Tensor, *, num_prefix_tokens: int = 1, source: str = "pos_embed") -> None:
+    """Fill a (1, P + G*G, D) position embedding in place: zeros for the P prefix entries (CLS), then
+    :func:`sincos_2d` for the patch grid. A from-scratch initialisation; the parameter stays learnable."""
+    grid = grid_size(pos_embed.shape[1] - num_prefix_tokens, source=source)
+    pos_embed.zero_()
+    pos_embed[0, num_prefix_tokens:] = sincos_2d(grid, pos_embed.shape[-1]).to(pos_embed.dtype)

@@ -47,6 +47,7 @@ from vlkit.data.vlmo import (
 from vlkit.data.vlmo_text import VLMoTokenizer, train_wordpiece
 from vlkit.data.vqa_vocab import VQAVocab, build_vqa_vocab
 from vlkit.errors import ConfigError, DataError
+from vlkit.layers.pos_embed import init_sincos_
 from vlkit.models.vlmo import MultiwayBlock, VLMo, VLMoConfig
 from vlkit.processors import HALF_MEAN, HALF_STD, ImageTrainProcessor, RandAugment, make_image_processor
 from vlkit.training.task import TaskContext, TaskState
@@ -91,12 +92,17 @@ class VLMoModelSpec:
             heads (None: the reference's 0.02). 0.02 suits the reference's width (768); a narrow model's
             attention logits then start near zero and it learns to attend to the image slowly, so a tiny model
             trained from scratch learns much faster with a larger value (about 0.02 * sqrt(768 / hidden)).
+        pos_init: from scratch with ``position: absolute`` only: ``normal`` (the reference, std 0.02) or
+            ``sincos``, the image position embedding starting from fixed 2-D sine-cosine vectors
+            (:func:`vlkit.layers.pos_embed.sincos_2d`; the CLS entry zero) and learned from there. The keys
+            and shapes stay the reference's.
     """
 
     preset: str = "base"
     checkpoint: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
     init_std: float | None = None
+    pos_init: Literal["normal", "sincos"] = "normal"
 
     def __post_init__(self) -> None:
         for key in ("heads", "vqa_num_labels"):
@@ -104,6 +110,8 @@ class VLMoModelSpec:
                 raise ConfigError(f"model.config.{key} is set by the task, not the recipe")
         if self.init_std is not None and (self.checkpoint is not None or self.init_std <= 0):
             raise ConfigError("model.init_std must be positive and applies to models from scratch only")
+        if self.pos_init != "normal" and self.checkpoint is not None:
+            raise ConfigError("model.pos_init applies to models from scratch only")
 
 
 @dataclass
@@ -413,6 +421,8 @@ def build_model(
         model = VLMo(VLMoConfig.preset(spec.preset, **overrides))
         if spec.init_std is not None:
             reinit_linears(model, spec.init_std)
+        if spec.pos_init == "sincos":
+            init_sincos_positions(model)
         return model.train()
     sd, fields, layout = _read_source(spec.checkpoint)
     file_heads = set(fields["heads"])
@@ -434,6 +444,13 @@ def reinit_linears(model: VLMo, std: float) -> None:
             nn.init.trunc_normal_(module.weight, std=std)  # bounds +-2 (absolute), as the reference
         else:
             nn.init.normal_(module.weight, std=std)
+
+
+def init_sincos_positions(model: VLMo) -> None:
+    """Set the image position embedding to 2-D sine-cosine vectors (CLS entry zero). See ``pos_init``."""
+    if model.pos_embed is None:
+        raise ConfigError("model.pos_init: sincos needs config.position: absolute (this model has relative bias)")
+    init_sincos_(model.pos_embed, source="VLMo pos_embed")
 
 
 def build_tokenizer(spec: str, *, texts: Callable[[], list[str]], out_dir: Path, size: int) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from vlkit.config import from_dict, to_dict
 from vlkit.errors import CheckpointError, ConfigError, ImageError
 from vlkit.layers.mlp import activation, quick_gelu
 from vlkit.layers.norm import LayerNorm
-from vlkit.layers.pos_embed import resize_pos_embed
+from vlkit.layers.pos_embed import resize_pos_embed, sincos_2d
 from vlkit.layers.vit import ConvStem, VisionConfig, VisionTransformer
 
 
@@ -225,3 +226,19 @@ def test_conv_stem_needs_a_power_of_two_patch(patch):
         tiny(stem="conv", image_size=4 * patch, patch_size=patch)
     with pytest.raises(ConfigError, match="power-of-two"):
         ConvStem(32, patch)
+
+
+def test_sincos_2d_encodes_column_then_row():
+    table = sincos_2d(3, 8)  # frequencies 1 and 10000 ** -0.5 = 0.01
+    assert table.shape == (9, 8)
+    for row in range(3):
+        for col in range(3):
+            expected = []
+            for value in (col, row):
+                expected += [math.sin(value), math.sin(value * 0.01), math.cos(value), math.cos(value * 0.01)]
+            torch.testing.assert_close(table[row * 3 + col], torch.tensor(expected))
+    # the similarity of two positions depends only on their offset
+    gram = table @ table.T
+    torch.testing.assert_close(gram[0 * 3 + 0, 1 * 3 + 1], gram[1 * 3 + 1, 2 * 3 + 2])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(3, 6)

@@ -326,22 +326,6 @@ def test_task_model_from_a_conv_stem_folder(tmp_path):
         load_unilm(model, {**model.state_dict(), "patch_embed.convs.9.weight": torch.zeros(1)}, layout="vlkit")
 
 
-def test_sincos_2d_encodes_column_then_row():
-    table = sincos_2d(3, 8)  # frequencies 1 and 10000 ** -0.5 = 0.01
-    assert table.shape == (9, 8)
-    for row in range(3):
-        for col in range(3):
-            expected = []
-            for value in (col, row):
-                expected += [math.sin(value), math.sin(value * 0.01), math.cos(value), math.cos(value * 0.01)]
-            torch.testing.assert_close(table[row * 3 + col], torch.tensor(expected))
-    # the similarity of two positions depends only on their offset
-    gram = table @ table.T
-    torch.testing.assert_close(gram[0 * 3 + 0, 1 * 3 + 1], gram[1 * 3 + 1, 2 * 3 + 2])
-    with pytest.raises(ValueError, match="divisible by 4"):
-        sincos_2d(3, 6)
-
-
 def test_pos_init_sincos_starts_the_image_positions_from_sincos(tmp_path):
     config = {**MODEL["config"], "position": "absolute"}
     model = build_model(VLMoModelSpec(preset="tiny", config=config, pos_init="sincos"), ("vqa",), vqa_num_labels=3)

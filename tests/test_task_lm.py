@@ -110,8 +110,9 @@ def test_context_copies_put_captions_of_the_same_image_before_questions(world, t
 
 def test_context_caption_longest_puts_the_images_longest_caption_before_questions(world, tmp_path):
     import json
+    from collections import Counter
 
-    from vlkit.processors import blip_caption
+    from vlkit.processors import blip_caption, blip_question
 
     template = "{data_subtype}/shapes_{data_subtype}_{image_id:06d}.png"
     train = task_data(world)["train"]
@@ -128,10 +129,13 @@ def test_context_caption_longest_puts_the_images_longest_caption_before_question
     )
     contexts = sorted(t.split(" Question: ", 1)[0] for t in texts if " Question: " in t)
     assert contexts == expected
-    # the instructions too: each record's image's longest caption, twice
+    # the instructions too: each record after its image's longest caption, twice
     records = [json.loads(line) for line in (world / "instruct" / "instruct_train.jsonl").read_text().splitlines()]
+    wanted = Counter()
     for record in records:
-        assert sum(t.startswith(longest[record["image"]] + " ") for t in texts) >= 2
+        text = f"{blip_question(record['instruction'])} {blip_caption(record['response'])}\n"
+        wanted[f"{longest[record['image']]} {text}"] += 2
+    assert not wanted - Counter(texts)
     with pytest.raises(ConfigError, match="context_caption.*shortest"):
         recipe(world, train=train, context_copies=2, context_caption="shortest")
 

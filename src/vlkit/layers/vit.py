@@ -191,10 +191,10 @@ class ConvStem(nn.Module):
     affine) and a GELU, with channels doubling up to ``width``, then a 1x1 convolution to ``width``: the same
     (B, W, G, G) grid as the one-conv patch embedding, with a translation-equivariant front end that learns
     shapes from far fewer images. With ``patch_shortcut`` the one-conv patch projection (no bias) is added to
-    the output: early in training that linear path carries colour and size at once, and the contrastive loss
-    leaves its plateau within a few hundred steps in every run tried (three), where the convolutions alone stay on it
-    for up to 700 steps with some seeds. An option for towers trained from scratch; no released checkpoint has
-    it.
+    the output: early in training that linear path carries colour and size at once. With a 100-step warm-up the
+    contrastive loss then left its plateau within a few hundred steps in every run tried (three), where the
+    convolutions alone stayed on it for up to 700 steps with some seeds (a 300-step warm-up fixes that too; see
+    configs/shapes/README.md). An option for towers trained from scratch; no released checkpoint has it.
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Examples::
 
     vlkit demo                                  # captions, answers, classification, retrieval, the table, grid.png
     vlkit demo --out /tmp/demo --test-images 200
-    vlkit demo --retrain runs/shapes            # the whole pipeline from scratch (~29 min on 2 CPU cores)
+    vlkit demo --retrain runs/shapes            # the whole pipeline from scratch (26-29 min on 2 CPU cores)
     vlkit demo --retrain /tmp/quick --quick     # the reduced pipeline (a few steps per stage; CI)
     vlkit demo --retrain runs/shapes --install  # maintainers: bundle the models, rewrite configs/shapes/README
 """

@@ -141,6 +141,21 @@ def test_bundled_models_reach_the_floors(tmp_path):
             print(f"open target: {check.label} reaches {scores.values[check.label]:.3g}, floor {check.floor:g}")
 
 
+def test_pipeline_stages_fit_together():
+    """Every stage trains on (or makes) a known world, waits only for earlier stages, and a recipe on a world
+    other than the main one waits for the stage that makes it."""
+    names = [stage.name for stage in demo.STAGES]
+    assert len(set(names)) == len(names) and set(demo.ROLE_RUNS.values()) <= set(names)
+    for i, stage in enumerate(demo.STAGES):
+        assert stage.world in demo.WORLDS, stage
+        assert set(stage.after) <= set(names[:i]), stage
+        makers = [s.name for s in demo.STAGES if s.recipe is None and s.world == stage.world]
+        if stage.recipe is None:
+            assert stage.world != "data" and makers == [stage.name]  # the main world is made before any stage
+        elif stage.world != "data":
+            assert set(makers) <= set(stage.after), stage
+
+
 @pytest.mark.slow
 def test_reduced_pipeline_end_to_end(tmp_path):
     """CI's run of ``vlkit demo --retrain OUT --quick``: every recipe of configs/shapes trains a few steps from
@@ -148,9 +163,13 @@ def test_reduced_pipeline_end_to_end(tmp_path):
     made = demo.retrain(tmp_path / "pipeline", quick=True, echo=lambda line: None)
     assert set(made.models) == set(demo.MODELS)
     for stage in demo.STAGES:  # vlkit folders (config.yaml) or, for the LMs, transformers folders (config.json)
+        assert (tmp_path / "pipeline" / "runs" / f"{stage.name}.log").is_file()
+        if stage.recipe is None:  # a stage that makes another world
+            manifest = json.loads((tmp_path / "pipeline" / stage.world / "manifest.json").read_text())
+            assert manifest["splits"]["train"]["images"] == demo.QUICK_TRAIN_IMAGES
+            continue
         model = tmp_path / "pipeline" / "runs" / stage.name / "model"
         assert (model / "config.yaml").is_file() or (model / "config.json").is_file(), stage.name
-        assert (tmp_path / "pipeline" / "runs" / f"{stage.name}.log").is_file()
     assert set(made.seconds) >= {stage.name for stage in demo.STAGES} | {"data", "tokenizers", "total"}
     scores = demo.evaluate_models(made.models, tmp_path / "pipeline" / "data", out=tmp_path / "eval")
     assert all(value is not None for value in scores.values.values())

@@ -38,6 +38,9 @@ from vlkit.training.recipe import OptimConfig, load_recipe
 from vlkit.training.task import TaskContext
 
 REPO = Path(__file__).resolve().parents[1]
+#: Overrides that make configs/shapes/vlmo_vqa.yaml fine-tune a model given by task.model.checkpoint (its
+#: initialisation settings apply to models from scratch only).
+FROM_PRETRAINED = ("task.model.init_std=null", "task.model.pos_init=normal")
 MODEL = {"preset": "tiny", "config": {"hidden_size": 32, "depth": 2, "num_heads": 2, "vlffn_start_layer": 1,
                                       "image_size": 32, "patch_size": 16, "max_text_len": 10,
                                       "max_text_len_of_initckpt": 16, "drop_path_rate": 0.0}}  # fmt: skip
@@ -408,44 +411,58 @@ def test_vlkit_train_exports_a_loadable_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_shapes_recipes_pretrain_then_vqa(tmp_path, full):
-    """configs/shapes/vlmo_pretrain.yaml then vlmo_vqa.yaml, run as the demo pipeline runs them (data and
-    earlier runs under one folder, paths set by ``task.data_root`` / ``task.models_root``), then ``vlkit eval
-    vqa`` on the test split. CI runs a few steps on a tiny world; ``--full`` runs the recipes as written on
-    the demo world and needs >= 80 % VQA accuracy."""
+def test_shapes_vlmo_recipes(tmp_path, full):
+    """configs/shapes/vlmo_vqa.yaml from scratch as the demo pipeline runs it (its own world, the main world's
+    tokenizer, paths set by ``task.data_root`` / ``task.tokenizer``), then ``vlkit eval vqa`` on the test split;
+    and vlmo_pretrain.yaml, whose model the VQA recipe can start from instead. CI runs a few steps on tiny
+    worlds; ``--full`` runs the VQA recipe as written on the pipeline's world and needs >= 80 % VQA accuracy."""
     from vlkit.cli import main
-    from vlkit.data.shapes import shapes_paths
+    from vlkit.data.shapes import generate_shapes_world, shapes_paths
+    from vlkit.demo import WORLDS
 
     out = tmp_path / "out"
-    data = out / "data"
+    data, world = out / "data", out / "data_vlmo"
     if full:
-        assert main(["data", "shapes", str(data), "--train-images", "5000", "--images", "200", "--quiet"]) == 0
+        for folder, images in ((data, WORLDS["data"]), (world, WORLDS["data_vlmo"])):
+            made = main(["data", "shapes", str(folder), "--train-images", str(images), "--images", "200", "--quiet"])
+            assert made == 0
     else:
-        from vlkit.data.shapes import generate_shapes_world
-
         generate_shapes_world(data, images=3, size=64)
+        generate_shapes_world(world, images=3, train_images=5, size=64)
     assert main(["data", "tokenizers", str(data), str(data / "tokenizers")]) == 0
     quick = [] if full else ["run.max_steps=2", "run.batch_size=4", "run.eval_every=end", "task.eval_batch_size=8"]
+    tokenizer = f"task.tokenizer={data / 'tokenizers' / 'qformer'}"
+    vqa = ["train", str(REPO / "configs" / "shapes" / "vlmo_vqa.yaml"), "--output", str(out / "runs" / "vlmo"),
+           "--set", f"task.data_root={world}", tokenizer, "run.progress=false", *quick]  # fmt: skip
+    assert main(vqa) == 0
+    model = load_model(out / "runs" / "vlmo" / "model")
+    assert model.config.heads == ("vqa",)
+    evaluation = tmp_path / "eval"
+    assert main(["eval", "vqa", "--model", str(out / "runs" / "vlmo" / "model"), "--data", str(world),
+                 "--split", "test", "--output", str(evaluation), "--quiet"]) == 0  # fmt: skip
+    doc = json.loads((evaluation / "metrics.json").read_text())
+    questions = json.loads(shapes_paths(world, "test").vqa_questions.read_text())["questions"]
+    predictions = json.loads((evaluation / "predictions.json").read_text())
+    assert [p["question_id"] for p in predictions] == [q["question_id"] for q in questions]
+    if full:
+        assert doc["metrics"]["vqa_accuracy"] >= 80.0, doc["metrics"]
+        return
+
+    # VLMo's own pre-training objectives on the captions, and the VQA recipe fine-tuning that model
     common = [f"task.data_root={data}", "run.progress=false", *quick]
     pretrain = ["train", str(REPO / "configs" / "shapes" / "vlmo_pretrain.yaml"), "--output",
                 str(out / "runs" / "vlmo_pretrain"), "--set", *common]  # fmt: skip
     assert main(pretrain) == 0
     pretrained = load_model(out / "runs" / "vlmo_pretrain" / "model")
     assert set(pretrained.config.heads) == {"irtr", "itm", "mlm"}
-    vqa = ["train", str(REPO / "configs" / "shapes" / "vlmo_vqa.yaml"), "--output", str(out / "runs" / "vlmo"),
-           "--set", *common, f"task.models_root={out / 'runs'}"]  # fmt: skip
-    assert main(vqa) == 0
-    model = load_model(out / "runs" / "vlmo" / "model")
-    assert model.config.heads == ("vqa",)
-    # the fine-tuned backbone started from the pre-trained one (same architecture, same vocabulary)
-    assert model.config.hidden_size == pretrained.config.hidden_size
-    assert model.config.vocab_size == pretrained.config.vocab_size
-    evaluation = tmp_path / "eval"
-    assert main(["eval", "vqa", "--model", str(out / "runs" / "vlmo" / "model"), "--data", str(data),
-                 "--split", "test", "--output", str(evaluation), "--quiet"]) == 0  # fmt: skip
-    doc = json.loads((evaluation / "metrics.json").read_text())
-    questions = json.loads(shapes_paths(data, "test").vqa_questions.read_text())["questions"]
-    predictions = json.loads((evaluation / "predictions.json").read_text())
-    assert [p["question_id"] for p in predictions] == [q["question_id"] for q in questions]
-    if full:
-        assert doc["metrics"]["vqa_accuracy"] >= 80.0, doc["metrics"]
+    from_pretrained = ["train", str(REPO / "configs" / "shapes" / "vlmo_vqa.yaml"), "--output",
+                       str(out / "runs" / "vlmo_ft"), "--set", *common, *FROM_PRETRAINED,
+                       f"task.model.checkpoint={out / 'runs' / 'vlmo_pretrain' / 'model'}"]  # fmt: skip
+    assert main(from_pretrained) == 0
+    tuned = load_model(out / "runs" / "vlmo_ft" / "model")
+    assert tuned.config.heads == ("vqa",) and tuned.config.hidden_size == pretrained.config.hidden_size
+    # the fine-tuned backbone started from the pre-trained one: a block weight moved only by the few steps
+    key = "blocks.0.attn.qkv.weight"
+    moved = (tuned.state_dict()[key] - pretrained.state_dict()[key]).abs().max()
+    apart = (model.state_dict()[key] - pretrained.state_dict()[key]).abs().max()  # the model from scratch
+    assert 0 < moved < 0.1 * apart

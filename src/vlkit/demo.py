@@ -15,7 +15,8 @@ weights, and writes a PNG grid of test images with what the models said about th
     stage1                                              ViT + Q-Former: ITC + ITM + ITG
     stage2                                              frozen tiny OPT behind the Q-Former -> shapes-blip2
     instruct                                            InstructBLIP with the frozen tiny LLaMA -> shapes-instructblip
-    vlmo_pretrain, vlmo                                 VLMo: ITC + ITM, then the VQA classifier -> shapes-vlmo
+    vlkit data shapes OUT/data_vlmo --train-images 40000  a larger world for the VLMo
+    vlmo                                                VLMo VQA classifier trained from scratch -> shapes-vlmo
 
 and evaluates the results the same way. The floors every bundled model must reach are in :data:`CHECKS`; a CI
 test holds the bundled models to them.
@@ -102,39 +103,50 @@ CHECKS: tuple[Check, ...] = (
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``vlkit train`` run of the retrain pipeline.
+    """One step of the retrain pipeline after the main world and its tokenizers: a ``vlkit train`` run, or
+    (without a recipe) ``vlkit data shapes`` making one of the other :data:`WORLDS`.
 
     Attributes:
-        name: the run folder under ``OUT/runs``.
-        recipe: the recipe file in the recipes folder.
-        after: the stages whose exported models this one starts from.
+        name: the run folder under ``OUT/runs`` (and its log ``OUT/runs/NAME.log``).
+        recipe: the recipe file in the recipes folder; None for a stage that makes the world ``world``.
+        after: the stages this one waits for (whose exported models or world it uses).
         quick: overrides of the reduced (CI) pipeline, on top of ``run.max_steps``.
+        world: the world (a :data:`WORLDS` key, the folder ``OUT/<world>``) the recipe trains on, or that the
+            stage makes.
     """
 
     name: str
-    recipe: str
+    recipe: str | None = None
     after: tuple[str, ...] = ()
     quick: tuple[str, ...] = ()
+    world: str = "data"
 
 
-#: The pipeline, longest-first among stages that can start together (the scheduler keeps this order).
+#: Train images of the full pipeline's main world, and of every world in the reduced one.
+TRAIN_IMAGES = 5000
+QUICK_TRAIN_IMAGES = 64
+QUICK_STEPS = 4
+
+#: The pipeline's worlds (folders under OUT) -> train images. ``data`` (made first, with the tokenizers every
+#: recipe uses) serves the BLIP-2 family; the VLMo VQA classifier, trained from scratch, learns more from many
+#: images seen once or twice than from 5000 seen many times (configs/shapes/vlmo_vqa.yaml).
+WORLDS: dict[str, int] = {"data": TRAIN_IMAGES, "data_vlmo": 40000}
+
+#: The pipeline in the order the scheduler starts stages (each as soon as a job slot is free and the stages it
+#: comes after are done): stage 1 takes one core; the LMs go first on the other, so that stage 2 and
+#: InstructBLIP can start when stage 1 ends, then the VLMo world and the VLMo.
 STAGES: tuple[Stage, ...] = (
     Stage("stage1", "stage1.yaml"),
-    Stage("vlmo_pretrain", "vlmo_pretrain.yaml"),
     Stage("lm_opt", "lm_opt.yaml"),
     Stage("lm_llama", "lm_llama.yaml"),
+    Stage("data_vlmo", world="data_vlmo"),
+    Stage("vlmo", "vlmo_vqa.yaml", after=("data_vlmo",), world="data_vlmo"),
     Stage("stage2", "stage2.yaml", after=("stage1", "lm_opt")),
     Stage("instruct", "instruct.yaml", after=("stage1", "lm_llama")),
-    Stage("vlmo", "vlmo_vqa.yaml", after=("vlmo_pretrain",)),
 )
 
 #: Which run's exported model plays each demo role.
 ROLE_RUNS: dict[str, str] = {"blip2": "stage2", "instructblip": "instruct", "vlmo": "vlmo"}
-
-#: Train images of the full pipeline's world, and of the reduced one.
-TRAIN_IMAGES = 5000
-QUICK_TRAIN_IMAGES = 64
-QUICK_STEPS = 4
 
 
 def recipes_dir() -> Path:
@@ -556,7 +568,8 @@ def retrain(
         recipes: the shapes recipes (default ``configs/shapes`` of the source checkout).
         quick: the reduced pipeline (a small world, :data:`QUICK_STEPS` steps per stage): proves the recipes
             run end to end, not that they learn.
-        train_images: train images of the world (default :data:`TRAIN_IMAGES`, or the quick size).
+        train_images: train images of the main world (default :data:`TRAIN_IMAGES`, or the quick size); the
+            other :data:`WORLDS` keep theirs.
         extra_overrides: ``--set`` overrides for every stage.
         jobs: stages trained at the same time (each a ``vlkit train`` process; see :func:`run_stages`).
         echo: where progress lines go.
@@ -568,7 +581,7 @@ def retrain(
     from vlkit.training.recipe import load_recipe
 
     recipes = Path(recipes) if recipes is not None else recipes_dir()
-    missing = [stage.recipe for stage in STAGES if not (recipes / stage.recipe).is_file()]
+    missing = [stage.recipe for stage in STAGES if stage.recipe and not (recipes / stage.recipe).is_file()]
     if missing:
         raise ConfigError(
             f"{recipes}: missing shapes recipes {', '.join(missing)} (--retrain needs vlkit's configs/shapes; "
@@ -594,7 +607,16 @@ def retrain(
 
     commands = {}
     for stage in STAGES:
-        overrides = [f"task.data_root={data}", *_models_root(recipes / stage.recipe, runs), *extra_overrides]
+        world = out / stage.world
+        if stage.recipe is None:  # another world, made beside the first stages
+            images = QUICK_TRAIN_IMAGES if quick else WORLDS[stage.world]
+            commands[stage.name] = ["data", "shapes", str(world), "--train-images", str(images)]
+            commands[stage.name] += ["--images", str(small), "--quiet"]
+            continue
+        overrides = [f"task.data_root={world}", *_models_root(recipes / stage.recipe, runs)]
+        if world != data:  # one tokenizer for the whole pipeline: the main world's
+            overrides.append(f"task.tokenizer={data / 'tokenizers' / 'qformer'}")
+        overrides += extra_overrides
         if quick:
             overrides += [f"run.max_steps={QUICK_STEPS}", *stage.quick]
         load_recipe(recipes / stage.recipe, overrides)  # every recipe is checked before anything trains
@@ -613,8 +635,9 @@ def retrain(
 def run_stages(
     commands: dict[str, list[str]], runs: Path, *, jobs: int = 2, echo: Callable[[str], None] = print
 ) -> dict[str, float]:
-    """Run the ``vlkit train`` command of every stage as its own process, up to ``jobs`` at a time, each
-    starting once the stages it comes ``after`` have finished (in :data:`STAGES` order).
+    """Run the ``vlkit`` command of every stage (``vlkit train``, or ``vlkit data shapes``) as its own process,
+    up to ``jobs`` at a time, each starting once the stages it comes ``after`` have finished (in :data:`STAGES`
+    order).
 
     The models are small, so two single-threaded processes use two cores far better than one process with two
     threads; each process gets ``OMP_NUM_THREADS = cores // jobs``. Output goes to ``runs/NAME.log``.

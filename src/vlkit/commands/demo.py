@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--retrain", metavar="OUT", help="train every model from scratch into OUT, then evaluate them")
     p.add_argument("--quick", action="store_true", help="--retrain: the reduced pipeline (a few steps per stage)")
     p.add_argument("--recipes", metavar="DIR", help="--retrain: the shapes recipes (default: configs/shapes)")
-    p.add_argument("--train-images", type=int, metavar="N", help="--retrain: train images of the world")
+    p.add_argument("--train-images", type=int, metavar="N", help="--retrain: train images of the main world")
     p.add_argument("--jobs", type=int, default=2, metavar="N", help="--retrain: stages trained at once (default 2)")
     p.add_argument(
         "--set",

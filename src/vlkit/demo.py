@@ -107,7 +107,7 @@ class Stage:
     (without a recipe) ``vlkit data shapes`` making one of the other :data:`WORLDS`.
 
     Attributes:
-        name: the run folder under ``OUT/runs`` (and its log ``OUT/runs/NAME.log``).
+        name: the run folder under ``OUT/runs`` of a recipe stage; every stage logs to ``OUT/runs/NAME.log``.
         recipe: the recipe file in the recipes folder; None for a stage that makes the world ``world``.
         after: the stages this one waits for (whose exported models or world it uses).
         quick: overrides of the reduced (CI) pipeline, on top of ``run.max_steps``.
@@ -568,8 +568,8 @@ def retrain(
         recipes: the shapes recipes (default ``configs/shapes`` of the source checkout).
         quick: the reduced pipeline (a small world, :data:`QUICK_STEPS` steps per stage): proves the recipes
             run end to end, not that they learn.
-        train_images: train images of the main world (default :data:`TRAIN_IMAGES`, or the quick size); the
-            other :data:`WORLDS` keep theirs.
+        train_images: train images of the main world (default its :data:`WORLDS` size, or the quick size); the
+            other worlds keep theirs.
         extra_overrides: ``--set`` overrides for every stage.
         jobs: stages trained at the same time (each a ``vlkit train`` process; see :func:`run_stages`).
         echo: where progress lines go.
@@ -593,7 +593,7 @@ def retrain(
     begin = time.perf_counter()
 
     t = time.perf_counter()
-    n_train = train_images or (QUICK_TRAIN_IMAGES if quick else TRAIN_IMAGES)
+    n_train = train_images or (QUICK_TRAIN_IMAGES if quick else WORLDS["data"])
     small = 16 if quick else 200
     ensure_world(data, test_images=small, train_images=n_train, val_images=small)
     seconds["data"] = time.perf_counter() - t

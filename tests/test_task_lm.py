@@ -1,6 +1,7 @@
 """Task ``lm_pretrain``: tiny OPT / LLaMA causal LMs from scratch on shapes text, exported as transformers folders."""
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,82 @@ def test_a_failing_export_leaves_no_model_folder(world, tmp_path, monkeypatch):
     assert not (tmp_path / "r" / "model").exists()
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".model")]
     assert (tmp_path / "r" / "checkpoints" / "latest").is_file()  # the final checkpoint was written first
+
+
+def _questions_by_image(world: Path, template: str) -> dict[str, list[tuple[str, str]]]:
+    import json
+
+    from vlkit.processors import blip_question
+
+    questions = json.loads((world / "vqa" / "v2_OpenEnded_shapes_train_questions.json").read_text())["questions"]
+    answers = json.loads((world / "vqa" / "v2_shapes_train_annotations.json").read_text())["annotations"]
+    answer_of = {a["question_id"]: a["multiple_choice_answer"] for a in answers}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for q in questions:
+        image = template.format(data_subtype="train", image_id=q["image_id"])
+        out.setdefault(image, []).append((blip_question(q["question"]), answer_of[q["question_id"]]))
+    return out
+
+
+def test_group_questions_puts_all_of_an_images_questions_after_one_caption(world, tmp_path):
+    from collections import Counter
+
+    template = "{data_subtype}/shapes_{data_subtype}_{image_id:06d}.png"
+    train = task_data(world)["train"]
+    train["vqa"][0]["image_template"] = template
+    texts = build(world, tmp_path, train=train, context_copies=2, group_questions=True).train_dataset.texts
+    ungrouped = build(world, tmp_path, train=train, context_copies=2).train_dataset.texts
+    by_image = _questions_by_image(world, template)
+    longest = build(world, tmp_path, train=train, context_copies=1, context_caption="longest").train_dataset.texts
+    captions = {t.split(" Question: ", 1)[0] for t in longest if " Question: " in t} | set(
+        t.removesuffix("\n") for t in ungrouped if "Question" not in t
+    )
+    grouped = [t for t in texts if " Question: " in t]
+    assert len(grouped) == 2 * len(by_image)  # one text per image and copy
+    n_questions = sum(len(v) for v in by_image.values())
+    assert len(texts) == len(ungrouped) - 2 * n_questions + 2 * len(by_image)
+    seen = Counter()
+    for text in grouped:
+        context, rest = text.split(" Question: ", 1)
+        turns = ("Question: " + rest).removesuffix("\n").split("\n")
+        pairs = sorted(tuple(turn.removeprefix("Question: ").split(" Short answer: ")) for turn in turns)
+        image = next(i for i, qa in by_image.items() if sorted(qa) == pairs)
+        assert context in captions, context
+        seen[image] += 1
+    assert seen == {image: 2 for image in by_image}  # every image's whole set of questions, twice
+    with pytest.raises(ConfigError, match="group_questions.*context_copies"):
+        recipe(world, train=train, group_questions=True)
+
+
+def test_loss_on_responses_targets_only_answers_and_responses(world, tmp_path):
+    template = "{data_subtype}/shapes_{data_subtype}_{image_id:06d}.png"
+    train = task_data(world)["train"]
+    train["vqa"][0]["image_template"] = template
+    long = {"max_len": 160, "architecture": {**ARCH, "max_positions": 160}}  # whole grouped texts
+    state = build(world, tmp_path, train=train, context_copies=1, group_questions=True, loss_on="responses", **long)
+    items = state.train_dataset.items
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizers" / "opt"))
+    plain = build(world, tmp_path, train=train, context_copies=1, group_questions=True, **long).train_dataset.items
+    assert [i.text for i in items] == [i.text for i in plain]  # the same texts, other targets
+    batch = state.collate_fn(items)
+    same = state.collate_fn([i.text for i in items])
+    assert torch.equal(batch["input_ids"], same["input_ids"])  # the spans do not change the tokens
+    kinds = Counter()
+    for i, item in enumerate(items):
+        ids, targets = batch["input_ids"][i], batch["targets"][i]
+        real = batch["attention_mask"][i] == 1
+        kept = tok.decode(ids[real & (targets != -100)])
+        if "Short answer:" in item.text:
+            # the answers, each with its end, and nothing else
+            answers = [turn.split(" Short answer: ")[1] for turn in item.text.removesuffix("\n").split("\n")]
+            assert kept.split() == answers and kept.count("\n") == len(answers), (item.text, kept)
+            kinds["vqa"] += 1
+        elif item.targets is None:
+            assert bool((targets[real] == ids[real]).all())  # captions: every token
+            kinds["caption"] += 1
+        else:  # an instruction: its response and end
+            assert item.text.endswith(kept) and kept.endswith("\n") and len(kept) < len(item.text), item.text
+            kinds["instruction"] += 1
+    assert min(kinds.values()) > 0 and len(kinds) == 3
+    with pytest.raises(ConfigError, match="exactly once"):
+        recipe(world, loss_on="responses", vqa_template="Question: {question} {answer} Answer: {answer}")

@@ -10,6 +10,10 @@ cross-entropy on text formatted the way the vision-language stages will later fe
 * VQA lines ``"Question: {question} Short answer: {answer}"`` + ``end`` (the zero-shot VQA prompt);
 * instruction/response pairs ``"{instruction} {response}"`` + ``end`` (LLaMA path: ``"</s>"``).
 
+Options for the frozen LLM of a tiny world (not in the BLIP-2 paper, whose LLMs were pretrained elsewhere):
+questions after a caption of their image (``context_copies``), all of an image's questions after one caption
+(``group_questions``), and the loss on answers and responses only (``loss_on: responses``).
+
 The tokenizer prepends its BOS (OPT: ``</s>``; LLaMA: ``<s>``, or ``bos_token`` to train with the BOS that
 InstructBLIP-Vicuna feeds, ``</s>``). Evaluation is validation perplexity (best checkpoint by ``val_ppl``).
 At the end the final model is exported to ``RUN/model`` as a standard transformers folder
@@ -128,6 +132,15 @@ class LMPretrainConfig:
             out what the question asks, and an LM trained on answers it cannot read off its context learns to
             guess from the question alone (shapes world, text-only VQA with the full caption before the
             question: 58.7 % random, 66.3 % longest; shape questions 10/62 -> 40/62).
+        group_questions: with ``context_copies``, each copy of an image's context caption is followed by *all*
+            the image's questions (in an order drawn per copy), each answer ended by ``end``:
+            ``"{caption} Question: q1 Short answer: a1\\nQuestion: q2 Short answer: a2\\n"``, instead of one text
+            per question. Several answers read off one context give the LM many more chances per step to learn
+            which attribute belongs to which object.
+        loss_on: ``all`` tokens of every text, or ``responses``: in VQA and instruction texts only the answers
+            and responses (each with its ``end``) are targets, not the context caption, question or instruction;
+            caption texts keep every token. With ``all``, most of a question text's loss goes to the caption and
+            question, which the LM can learn without reading anything.
     """
 
     arch: Literal["opt", "llama"] = "opt"
@@ -145,8 +158,14 @@ class LMPretrainConfig:
     val_batch_size: int = 128
     context_copies: int = 0
     context_caption: Literal["random", "longest"] = "random"
+    group_questions: bool = False
+    loss_on: Literal["all", "responses"] = "all"
 
     def __post_init__(self) -> None:
+        if self.group_questions and not self.context_copies:
+            raise ConfigError(
+                "task.group_questions: the questions are grouped after a context caption; set context_copies >= 1"
+            )
         if self.context_copies < 0:
             raise ConfigError(f"task.context_copies must be >= 0, got {self.context_copies}")
         if self.context_copies and not self.train.captions:
@@ -169,6 +188,8 @@ class LMPretrainConfig:
                 template.format(**{k: "x" for k in keys})
             except (KeyError, IndexError, ValueError) as err:
                 raise ConfigError(f"task.{name}: {template!r} must use only {{{'}, {'.join(keys)}}} ({err})") from None
+            if self.loss_on == "responses" and keys[-1:] != ("caption",) and template.count(f"{{{keys[-1]}}}") != 1:
+                raise ConfigError(f"task.{name}: loss_on responses needs {{{keys[-1]}}} exactly once in {template!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,11 +197,43 @@ class LMPretrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0) -> list[str]:
-    """Every training string of ``data``, formatted with the templates and ``end`` appended; with
-    ``context_copies``, VQA and instruction texts also after captions of their image (see the config)."""
+@dataclass(frozen=True)
+class TrainingText:
+    """One training sequence and the character spans ``[start, end)`` whose tokens are prediction targets
+    (``targets`` None: every token)."""
+
+    text: str
+    targets: tuple[tuple[int, int], ...] | None = None
+
+
+class _Pieces:
+    """A training text built piece by piece, each piece a target or not."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, piece: str, target: bool) -> _Pieces:
+        if target and piece:
+            self.spans.append((len(self.text), len(self.text) + len(piece)))
+        self.text += piece
+        return self
+
+
+def _split_template(template: str, field_name: str, **values: str) -> tuple[str, str]:
+    """``template`` filled with ``values`` around ``{field_name}``: the text before and after it."""
+    marker = "\x00"
+    before, after = template.format(**values, **{field_name: marker}).split(marker)
+    return before, after
+
+
+def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0) -> list[TrainingText]:
+    """Every training sequence of ``data``, formatted with the templates and ``end`` appended; with
+    ``context_copies``, VQA and instruction texts also after captions of their image, grouped per image with
+    ``group_questions``; targets per ``loss_on`` (see the config)."""
     root = cfg.data_root
-    out: list[str] = []
+    responses_only = cfg.loss_on == "responses"
+    out: list[TrainingText] = []
     by_image: dict[str, list[str]] = {}
     for path in data.captions:
         for index, entry in enumerate(_json_list(resolve_path(path, root))):
@@ -188,22 +241,38 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
             captions = [caption] if isinstance(caption, str) else caption
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise DataError(f"{path}: entry {index} has no caption string or list")
-            out += [cfg.caption_template.format(caption=blip_caption(c)) for c in captions]
+            out += [TrainingText(cfg.caption_template.format(caption=blip_caption(c)) + cfg.end) for c in captions]
             if isinstance(entry.get("image"), str):
                 by_image.setdefault(entry["image"], []).extend(blip_caption(c) for c in captions)
     rng = random.Random(0)
 
-    def with_context(text: str, image: Any, where: str) -> list[str]:
-        if not context_copies:
-            return [text]
+    def captions_of(image: Any, where: str) -> list[str]:
         captions = by_image.get(image) if isinstance(image, str) else None
         if not captions:
             raise DataError(f"{where}: image {image!r} has no caption in train.captions (context_copies)")
-        if cfg.context_caption == "longest":
-            longest = max(captions, key=len)
-            return [text] + [f"{longest} {text}"] * context_copies
-        return [text] + [f"{rng.choice(captions)} {text}" for _ in range(context_copies)]
+        return captions
 
+    def contexts(image: Any, where: str) -> list[str]:
+        """The caption before each of the ``context_copies`` copies of a text about ``image``."""
+        captions = captions_of(image, where)
+        if cfg.context_caption == "longest":
+            return [max(captions, key=len)] * context_copies
+        return [rng.choice(captions) for _ in range(context_copies)]
+
+    def text_of(context: str | None, turns: list[tuple[str, str]]) -> TrainingText:
+        """``context`` (a caption) then each (prompt, response) turn, every response followed by ``end``."""
+        pieces = _Pieces()
+        if context is not None:
+            pieces.add(context + " ", not responses_only)
+        for prompt, response in turns:
+            pieces.add(prompt, not responses_only).add(response + cfg.end, True)
+        return TrainingText(pieces.text, tuple(pieces.spans) if responses_only else None)
+
+    def with_context(turn: tuple[str, str], image: Any, where: str) -> list[TrainingText]:
+        copies = [text_of(c, [turn]) for c in contexts(image, where)] if context_copies else []
+        return [text_of(None, [turn]), *copies]
+
+    grouped: dict[str, list[tuple[str, str]]] = {}
     for pair in data.vqa:
         q_path, a_path = resolve_path(pair.questions, root), resolve_path(pair.annotations, root)
         document = read_json(q_path)
@@ -214,11 +283,20 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
             if qid not in questions or not isinstance(ann.get("multiple_choice_answer"), str):
                 raise DataError(f"{a_path}: annotation of question {qid!r} has no question or answer")
             question = blip_question(questions[qid]["question"])
-            text = cfg.vqa_template.format(question=question, answer=ann["multiple_choice_answer"])
+            turn = _split_template(cfg.vqa_template, "answer", question=question)
+            turn = (turn[0], ann["multiple_choice_answer"] + turn[1])
             image = None
             if pair.image_template is not None:
                 image = pair.image_template.format(image_id=questions[qid].get("image_id"), data_subtype=subtype)
-            out += with_context(text, image, f"{q_path}: question {qid}")
+            if cfg.group_questions and context_copies:
+                out.append(text_of(None, [turn]))
+                grouped.setdefault(image, []).append(turn)
+                captions_of(image, f"{q_path}: question {qid}")
+            else:
+                out += with_context(turn, image, f"{q_path}: question {qid}")
+    for image, turns in grouped.items():
+        for context in contexts(image, f"{image}: questions"):
+            out.append(text_of(context, rng.sample(turns, len(turns))))
     for path in data.instructions:
         path = resolve_path(path, root)
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -229,13 +307,13 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
                 instruction, response = record["instruction"], record["response"]
             except (ValueError, KeyError, TypeError) as err:
                 raise DataError(f"{path}: line {number}: not an instruction record ({err})") from None
-            text = cfg.instruction_template.format(
-                instruction=blip_question(instruction), response=blip_caption(response)
-            )
-            out += with_context(text, record.get("image"), f"{path}: line {number}")
+            prompt = blip_question(instruction)
+            before, after = _split_template(cfg.instruction_template, "response", instruction=prompt)
+            turn = (before, blip_caption(response) + after)
+            out += with_context(turn, record.get("image"), f"{path}: line {number}")
     if not out:
         raise DataError("lm_pretrain: the text files hold no text")
-    return [text + cfg.end for text in out]
+    return out
 
 
 def _json_list(path: Path) -> list[Any]:
@@ -257,16 +335,21 @@ def _list_field(data: Any, path: Path, key: str) -> list[dict[str, Any]]:
 
 
 class TextDataset(Dataset):
-    """A list of strings (one training sequence each)."""
+    """The training sequences (:class:`TrainingText`)."""
 
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
+    def __init__(self, items: list[TrainingText]) -> None:
+        self.items = items
+
+    @property
+    def texts(self) -> list[str]:
+        """The sequences as plain strings."""
+        return [item.text for item in self.items]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> str:
-        return self.texts[index]
+    def __getitem__(self, index: int) -> TrainingText:
+        return self.items[index]
 
 
 class LMBatcher:
@@ -274,7 +357,9 @@ class LMBatcher:
 
     Targets are the ids with padding -> -100 (taken from the mask, so a pad id that is also a real token,
     such as LLaMA's eos used as filler, is never confused with padding); position 0 (BOS) is never a
-    target because the loss is shifted.
+    target because the loss is shifted. A :class:`TrainingText` with target spans also has -100 on every
+    token that overlaps none of them (the whole string is tokenised at once, so the tokens are the same as
+    without spans).
     """
 
     def __init__(self, tokenizer: Any, max_len: int, bos_token: str | None = None) -> None:
@@ -288,8 +373,16 @@ class LMBatcher:
                 raise ConfigError(f"task.bos_token {bos_token!r}: not a token of the tokenizer, or it adds no BOS")
             self.bos_id = ids[0]
 
-    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_len, add_special_tokens=True)
+    def __call__(self, texts: list[str | TrainingText]) -> dict[str, Tensor]:
+        items = [TrainingText(t) if isinstance(t, str) else t for t in texts]
+        spans = any(item.targets is not None for item in items)
+        encoded = self.tokenizer(
+            [item.text for item in items],
+            truncation=True,
+            max_length=self.max_len,
+            add_special_tokens=True,
+            return_offsets_mapping=spans,
+        )
         rows = encoded["input_ids"]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -302,6 +395,14 @@ class LMBatcher:
                 raise DataError("task.bos_token: the tokenizer did not put its BOS at position 0")
             ids[:, 0] = self.bos_id
         targets = ids.masked_fill(mask == 0, losses.IGNORE_INDEX)
+        for i, item in enumerate(items):
+            if item.targets is not None:
+                keep = [
+                    any(start < end and lo < end and start < hi for lo, hi in item.targets)
+                    for start, end in encoded["offset_mapping"][i]
+                ]
+                row = targets[i, : len(keep)]
+                row.masked_fill_(~torch.tensor(keep, dtype=torch.bool), losses.IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "targets": targets}
 
 
@@ -379,7 +480,7 @@ def build(cfg: LMPretrainConfig, ctx: TaskContext) -> TaskState:
     info = {
         "tokenizer": f"{resolve_path(cfg.tokenizer, cfg.data_root)} ({len(tokenizer)} tokens)",
         "model": f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters",
-        "training texts": f"{len(texts)}, e.g. {texts[0]!r}",
+        "training texts": f"{len(texts)}, e.g. {texts[0].text!r}",
     }
 
     def training_step(net: nn.Module, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:

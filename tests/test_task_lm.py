@@ -324,3 +324,22 @@ def test_loss_on_responses_targets_only_answers_and_responses(world, tmp_path):
     assert min(kinds.values()) > 0 and len(kinds) == 3
     with pytest.raises(ConfigError, match="exactly once"):
         recipe(world, loss_on="responses", vqa_template="Question: {question} {answer} Answer: {answer}")
+
+
+def test_context_free_false_keeps_only_the_texts_after_a_caption(world, tmp_path):
+    template = "{data_subtype}/shapes_{data_subtype}_{image_id:06d}.png"
+    train = task_data(world)["train"]
+    train["vqa"][0]["image_template"] = template
+    every = build(world, tmp_path, train=train, context_copies=2).train_dataset.texts
+    texts = build(world, tmp_path, train=train, context_copies=2, context_free=False).train_dataset.texts
+    free = [t for t in every if t.startswith("Question: ")]
+    n_instructions = 6 * 3
+    assert free and len(texts) == len(every) - len(free) - n_instructions
+    assert not any(t.startswith("Question: ") for t in texts)
+    removed = Counter(every) - Counter(texts)
+    assert not Counter(texts) - Counter(every) and sum(removed.values()) == len(free) + n_instructions
+    assert not Counter(free) - removed  # every context-free question is gone, and only instructions beside them
+    grouped = build(world, tmp_path, train=train, context_copies=1, group_questions=True, context_free=False)
+    assert not any(t.startswith("Question: ") for t in grouped.train_dataset.texts)
+    with pytest.raises(ConfigError, match="context_free"):
+        recipe(world, context_free=False)

@@ -137,6 +137,9 @@ class LMPretrainConfig:
             ``"{caption} Question: q1 Short answer: a1\\nQuestion: q2 Short answer: a2\\n"``, instead of one text
             per question. Several answers read off one context give the LM many more chances per step to learn
             which attribute belongs to which object.
+        context_free: with ``context_copies``, also write each question and instruction once without a context
+            (the default); False keeps only the copies after a caption, so no answer is rewarded that the LM
+            could not have read off its context.
         loss_on: ``all`` tokens of every text, or ``responses``: in VQA and instruction texts only the answers
             and responses (each with its ``end``) are targets, not the context caption, question or instruction;
             caption texts keep every token. With ``all``, most of a question text's loss goes to the caption and
@@ -159,9 +162,12 @@ class LMPretrainConfig:
     context_copies: int = 0
     context_caption: Literal["random", "longest"] = "random"
     group_questions: bool = False
+    context_free: bool = True
     loss_on: Literal["all", "responses"] = "all"
 
     def __post_init__(self) -> None:
+        if not self.context_free and not self.context_copies:
+            raise ConfigError("task.context_free: false leaves no question text without context_copies >= 1")
         if self.group_questions and not self.context_copies:
             raise ConfigError(
                 "task.group_questions: the questions are grouped after a context caption; set context_copies >= 1"
@@ -269,8 +275,10 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
         return TrainingText(pieces.text, tuple(pieces.spans) if responses_only else None)
 
     def with_context(turn: tuple[str, str], image: Any, where: str) -> list[TrainingText]:
-        copies = [text_of(c, [turn]) for c in contexts(image, where)] if context_copies else []
-        return [text_of(None, [turn]), *copies]
+        if not context_copies:
+            return [text_of(None, [turn])]
+        copies = [text_of(c, [turn]) for c in contexts(image, where)]
+        return [text_of(None, [turn]), *copies] if cfg.context_free else copies
 
     grouped: dict[str, list[tuple[str, str]]] = {}
     for pair in data.vqa:
@@ -289,7 +297,8 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
             if pair.image_template is not None:
                 image = pair.image_template.format(image_id=questions[qid].get("image_id"), data_subtype=subtype)
             if cfg.group_questions and context_copies:
-                out.append(text_of(None, [turn]))
+                if cfg.context_free:
+                    out.append(text_of(None, [turn]))
                 grouped.setdefault(image, []).append(turn)
                 captions_of(image, f"{q_path}: question {qid}")
             else:

@@ -11,8 +11,9 @@ cross-entropy on text formatted the way the vision-language stages will later fe
 * instruction/response pairs ``"{instruction} {response}"`` + ``end`` (LLaMA path: ``"</s>"``).
 
 Options for the frozen LLM of a tiny world (not in the BLIP-2 paper, whose LLMs were pretrained elsewhere):
-questions after a caption of their image (``context_copies``), all of an image's questions after one caption
-(``group_questions``), and the loss on answers and responses only (``loss_on: responses``).
+questions after a caption of their image (``context_copies``), only there (``context_free: false``), all of an
+image's questions after one caption (``group_questions``), and the loss on answers and responses only
+(``loss_on: responses``). configs/shapes/README.md has what each did to the tiny OPT's reading.
 
 The tokenizer prepends its BOS (OPT: ``</s>``; LLaMA: ``<s>``, or ``bos_token`` to train with the BOS that
 InstructBLIP-Vicuna feeds, ``</s>``). Evaluation is validation perplexity (best checkpoint by ``val_ppl``).
@@ -291,8 +292,8 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
             if qid not in questions or not isinstance(ann.get("multiple_choice_answer"), str):
                 raise DataError(f"{a_path}: annotation of question {qid!r} has no question or answer")
             question = blip_question(questions[qid]["question"])
-            turn = _split_template(cfg.vqa_template, "answer", question=question)
-            turn = (turn[0], ann["multiple_choice_answer"] + turn[1])
+            before, after = _split_template(cfg.vqa_template, "answer", question=question)
+            turn = (before, ann["multiple_choice_answer"] + after)
             image = None
             if pair.image_template is not None:
                 image = pair.image_template.format(image_id=questions[qid].get("image_id"), data_subtype=subtype)

@@ -538,7 +538,9 @@ def beam_search(
         # Candidates: the `keep` best (or sampled) continuations of all beams of an input.
         if config.do_sample:
             picked = torch.multinomial(totals.softmax(dim=-1), num_samples=keep, generator=generator)
-            cand_scores = torch.gather(totals, 1, picked)
+            # best first, as transformers >= 5.24 orders the drawn candidates (the same seed gives the same tokens)
+            cand_scores, order = torch.gather(totals, 1, picked).sort(dim=-1, descending=True)
+            picked = picked.gather(1, order)
         else:
             cand_scores, picked = torch.topk(totals, keep)
         source, new_token = picked // vocab, picked % vocab

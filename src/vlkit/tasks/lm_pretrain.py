@@ -301,7 +301,7 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
                 if cfg.context_free:
                     out.append(text_of(None, [turn]))
                 grouped.setdefault(image, []).append(turn)
-                captions_of(image, f"{q_path}: question {qid}")
+                captions_of(image, f"{q_path}: question {qid}")  # a caption-less image fails here, by question
             else:
                 out += with_context(turn, image, f"{q_path}: question {qid}")
     for image, turns in grouped.items():

@@ -275,11 +275,13 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
             pieces.add(prompt, not responses_only).add(response + cfg.end, True)
         return TrainingText(pieces.text, tuple(pieces.spans) if responses_only else None)
 
+    def without_context(turn: tuple[str, str]) -> list[TrainingText]:
+        """The turn alone, unless every text stands after a caption (``context_free: false``)."""
+        return [text_of(None, [turn])] if cfg.context_free or not context_copies else []
+
     def with_context(turn: tuple[str, str], image: Any, where: str) -> list[TrainingText]:
-        if not context_copies:
-            return [text_of(None, [turn])]
-        copies = [text_of(c, [turn]) for c in contexts(image, where)]
-        return [text_of(None, [turn]), *copies] if cfg.context_free else copies
+        copies = [text_of(c, [turn]) for c in contexts(image, where)] if context_copies else []
+        return without_context(turn) + copies
 
     grouped: dict[str, list[tuple[str, str]]] = {}
     for pair in data.vqa:
@@ -298,8 +300,7 @@ def read_texts(data: TextData, cfg: LMPretrainConfig, *, context_copies: int = 0
             if pair.image_template is not None:
                 image = pair.image_template.format(image_id=questions[qid].get("image_id"), data_subtype=subtype)
             if cfg.group_questions and context_copies:
-                if cfg.context_free:
-                    out.append(text_of(None, [turn]))
+                out += without_context(turn)
                 grouped.setdefault(image, []).append(turn)
                 captions_of(image, f"{q_path}: question {qid}")  # a caption-less image fails here, by question
             else:
